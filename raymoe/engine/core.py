@@ -1,0 +1,160 @@
+"""EngineCore: scheduler + model runner + detokenizer, one `step()` at a time.
+
+[Scheduler] → [ModelRunner: forward + sample] → [Scheduler.update: stop checks] → [detokenize, stop strings]
+
+One engine is what one attention-tier replica runs. `step()` returns a delta `RequestOutput` per
+request that produced tokens (new token ids, new text), finished ones included. Offline
+(`LLM.generate`) and streaming (`AsyncEngine`) both drive this class.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raymoe.config import RayMoEConfig
+from raymoe.engine.kv_cache import KVCacheManager
+from raymoe.engine.model_runner import KVCacheSpec, ModelRunner, kv_cache_spec
+from raymoe.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, make_request_output
+from raymoe.engine.scheduler import Scheduler
+from raymoe.model.args import ModelArgs
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Per-request detokenization state."""
+
+    text: str = ""
+    sent_text: int = 0
+    sent_tokens: int = 0
+    stop_hold: int = 0  # chars held back while a stop string could still be forming
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(self, model: torch.nn.Module, args: ModelArgs, config: RayMoEConfig, tokenizer: Any | None = None,
+                 *, device: str | torch.device = "cpu", model_path: str | None = None):
+        self.args = args
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        ecfg = config.engine
+        self.max_model_len = min(ecfg.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+        dtype = next(model.parameters()).dtype
+        self.spec: KVCacheSpec = kv_cache_spec(args, ecfg, dtype)
+        self.kv = KVCacheManager(self.spec.num_blocks, self.spec.block_size, ecfg.enable_prefix_caching)
+        self.scheduler = Scheduler(ecfg, self.kv, self.max_model_len)
+        self.runner = ModelRunner(model, args, self.spec, device)
+        self.eos_token_id = args.eos_token_id
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: RayMoEConfig, *, device: str | torch.device = "cpu") -> EngineCore:
+        from raymoe.engine.loading import load_engine_parts
+
+        model, args, tokenizer, path = load_engine_parts(config, device=device)
+        return cls(model, args, config, tokenizer, device=device, model_path=path)
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
+                      arrival_time=arrival_time if arrival_time is not None else time.monotonic())
+        self.scheduler.add_request(req)
+        self._streams[rid] = _Stream(stop_hold=max((len(s) for s in params.stop), default=1) - 1)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        self._streams.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled = self.runner.execute(out)
+        if out.is_empty:
+            return []
+        self.stats.num_steps += 1
+        self.stats.batch_sizes.append(len(out.scheduled))
+        self.stats.num_prompt_tokens += sum(s.num_new_tokens for s in out.scheduled if not s.request.output_token_ids
+                                            or s.start_position < s.request.num_prompt_tokens)
+        updated = self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
+        outputs = []
+        for req in updated:
+            lp = sampled.get(req.request_id, (0, None))[1]
+            if lp is not None and len(req.output_logprobs) < len(req.output_token_ids):
+                req.output_logprobs.append(lp.as_dict())
+            self.stats.num_generated_tokens += 1
+            o = self._emit(req)
+            if o is not None:
+                outputs.append(o)
+        return outputs
+
+    def _emit(self, req: Request) -> RequestOutput | None:
+        st = self._streams.get(req.request_id)
+        if st is None:
+            return None
+        if self.tokenizer is not None:
+            st.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=req.params.skip_special_tokens)
+            if req.params.stop and not req.is_finished:
+                self._check_stop_strings(req, st)
+        finished = req.is_finished
+        end = len(st.text)
+        if not finished:
+            end -= st.stop_hold
+            while end > st.sent_text and st.text[end - 1] == "\ufffd":  # incomplete UTF-8 sequence
+                end -= 1
+        end = max(end, st.sent_text)
+        delta_text = st.text[st.sent_text:end]
+        st.sent_text = end
+        o = make_request_output(req, delta_text, start=st.sent_tokens)
+        st.sent_tokens = len(req.output_token_ids)
+        if finished:
+            self._streams.pop(req.request_id, None)
+        return o
+
+    def _check_stop_strings(self, req: Request, st: _Stream) -> None:
+        search_from = max(0, st.sent_text - st.stop_hold)
+        best = None
+        for s in req.params.stop:
+            i = st.text.find(s, search_from)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            st.text = st.text[: best[0]]
+            self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, best[1])
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: pass prompt_token_ids")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model_path).name if self.model_path else "raymoe"

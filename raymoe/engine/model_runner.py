@@ -1,0 +1,105 @@
+"""Model runner: turns a `SchedulerOutput` into one forward pass over the paged latent cache and
+samples the next token of every sequence that finished its (chunk of) prompt or is decoding.
+
+Owns the KV-cache tensor (sized from `EngineConfig.kv_cache_memory`), the paged attention backend,
+the sampler and one `torch.Generator` per seeded request. No scheduling decisions are made here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raymoe.attention.backend import PagedMLAAttention, build_metadata
+from raymoe.config import EngineConfig
+from raymoe.engine.sampler import Sampler, TokenLogprobs, make_generator
+from raymoe.engine.scheduler import SchedulerOutput
+from raymoe.model.args import ModelArgs
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Runtime facts about the cache (never written back into the config)."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int  # (kv_lora_rank + qk_rope_head_dim) × layers × dtype bytes
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def kv_cache_spec(args: ModelArgs, cfg: EngineConfig, dtype: torch.dtype) -> KVCacheSpec:
+    per_token = args.kv_cache_size * args.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+    num_blocks = cfg.kv_cache_memory // (per_token * cfg.block_size)
+    if num_blocks < 2:
+        raise ValueError(f"kv_cache_memory ({cfg.kv_cache_memory} B) holds fewer than 2 blocks of "
+                         f"{cfg.block_size} tokens at {per_token} B/token")
+    return KVCacheSpec(num_blocks=num_blocks, block_size=cfg.block_size, bytes_per_token=per_token)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, args: ModelArgs, spec: KVCacheSpec,
+                 device: torch.device | str = "cpu"):
+        self.model = model
+        self.args = args
+        self.spec = spec
+        self.device = torch.device(device)
+        dtype = next(model.parameters()).dtype
+        self.kv_cache = torch.zeros(args.num_hidden_layers, spec.num_blocks, spec.block_size, args.kv_cache_size,
+                                    dtype=dtype, device=self.device)
+        self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank)
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._generators.pop(rid, None)
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = self._generators[request_id] = make_generator(seed, self.device)
+        return gen
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
+        """Run one step; returns {request_id: (token, logprobs)} for the sequences that sample."""
+        self.release(out.finished_ids)
+        if out.is_empty:
+            return {}
+        ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sample_seqs = []
+        for seq in out.scheduled:
+            req, start, n = seq.request, seq.start_position, seq.num_new_tokens
+            ids += req.token_ids_slice(start, start + n)
+            positions += range(start, start + n)
+            query_lens.append(n)
+            context_lens.append(start)
+            tables.append(req.block_ids)
+            if seq.needs_sample:
+                sample_rows.append(len(ids) - 1)
+                sample_seqs.append(req)
+        self.attn.metadata = build_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, attn=self.attn)
+        self.attn.metadata = None
+        if not sample_rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        params = [r.params for r in sample_seqs]
+        histories = [(r.prompt_token_ids, r.output_token_ids) for r in sample_seqs]
+        gens = [self._generator(r.request_id, r.params.seed) for r in sample_seqs]
+        result = self.sampler.sample(logits, params, histories, gens)
+        tokens = result.token_ids.tolist()
+        return {r.request_id: (tokens[i], result.logprobs[i]) for i, r in enumerate(sample_seqs)}

@@ -1,0 +1,148 @@
+"""Small building blocks shared by MLA, MoE and the decoder: RMSNorm, YaRN RoPE, SwiGLU MLP, linears.
+
+Every formula matches Hugging Face transformers 5 (`modeling_deepseek_v3.py`, `modeling_rope_utils.py`)
+operation for operation, so a checkpoint gives the same numbers here and there (K2_FACTS §2.2).
+
+Tensor letters: T tokens, H heads, R rope dim (qk_rope_head_dim), D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.model.args import ModelArgs, RopeArgs, yarn_get_mscale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, exactly as HF's DeepseekV3RMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def rope_inv_freq(rope: RopeArgs, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] (fp32, CPU) and the cos/sin scale, as HF computes them.
+
+    Default RoPE: `1/θ^(2i/dim)`, scale 1. YaRN (`_compute_yarn_parameters`): a linear ramp between the
+    correction dims of `beta_fast` and `beta_slow` (floored/ceiled: HF's default `truncate=True`) blends
+    extrapolated (original) and interpolated (/factor) frequencies; the cos/sin scale ("attention_factor")
+    is mscale(factor, mscale)/mscale(factor, mscale_all_dim) when both are set, else mscale(factor).
+    """
+    base = rope.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    if rope.rope_type == "default":
+        return 1.0 / (base**exponents), 1.0
+    if rope.rope_type != "yarn":
+        raise ValueError(f"rope_type {rope.rope_type!r} is not supported (supported: 'default', 'yarn')")
+    factor = rope.factor
+    if rope.mscale and rope.mscale_all_dim:
+        attention_factor = float(yarn_get_mscale(factor, rope.mscale) / yarn_get_mscale(factor, rope.mscale_all_dim))
+    else:
+        attention_factor = yarn_get_mscale(factor)
+    beta_fast = rope.beta_fast or 32.0  # HF: `get("beta_fast") or 32`
+    beta_slow = rope.beta_slow or 1.0
+
+    def correction_dim(num_rotations: float) -> float:
+        orig = rope.original_max_position_embeddings
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # HF: prevent a division by zero (a hard switch between the two regimes)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base**exponents
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # share of the original (extrapolated) frequency
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin [T, R/2] for given positions; the table is computed lazily (no buffers).
+
+    No state is stored in the module's state_dict, so a model built on the `meta` device and
+    `to_empty()`'d works: the inverse frequencies are computed on first use for each device.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.rope = args.rope
+        self.dim = args.qk_rope_head_dim
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._scale: float | None = None
+
+    def _freqs(self, device: torch.device) -> torch.Tensor:
+        inv = self._inv_freq.get(device)
+        if inv is None:
+            with torch.device("cpu"):  # independent of any default-device context (e.g. meta)
+                cpu_inv, self._scale = rope_inv_freq(self.rope, self.dim)
+            inv = self._inv_freq[device] = cpu_inv.to(device)
+        return inv
+
+    @property
+    def attention_scaling(self) -> float:
+        if self._scale is None:
+            self._scale = rope_inv_freq(self.rope, self.dim)[1]
+        return self._scale
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int -> (cos, sin), each [T, R/2] fp32 with the YaRN scale applied."""
+        freqs = positions[:, None].float() * self._freqs(positions.device)  # [T, R/2]
+        scale = self.attention_scaling
+        return freqs.cos() * scale, freqs.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0,x1),(x2,x3),... of x [T, ..., R] by cos/sin [T, R/2].
+
+    Like HF's `apply_rotary_pos_emb_interleave`, the result is laid out de-interleaved:
+    [rotated evens | rotated odds]. That is a fixed permutation of DeepSeek's complex-pair layout,
+    applied to queries and keys alike, so every q·k dot product is unchanged (and the cache stores
+    k_pe in this layout).
+    """
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos = cos.to(x.dtype).view(shape)
+    sin = sin.to(x.dtype).view(shape)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def make_linear(in_features: int, out_features: int, *, quantized: bool, group_size: int,
+                dtype: torch.dtype | None) -> nn.Module:
+    """`nn.Linear(bias=False)`, or the packed INT4 `Int4Linear` when `quantized`."""
+    if quantized:
+        from raymoe.quant.int4 import Int4Linear  # lazy: only INT4 checkpoints need it
+
+        return Int4Linear(in_features, out_features, group_size=group_size,
+                          dtype=dtype if dtype is not None else torch.bfloat16)
+    return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers, shared experts and routed experts."""
+
+    def __init__(self, dim: int, inter: int, *, quantized: bool = False, group_size: int = 32,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.gate_proj = make_linear(dim, inter, quantized=quantized, group_size=group_size, dtype=dtype)
+        self.up_proj = make_linear(dim, inter, quantized=quantized, group_size=group_size, dtype=dtype)
+        self.down_proj = make_linear(inter, dim, quantized=quantized, group_size=group_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

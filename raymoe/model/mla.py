@@ -1,0 +1,165 @@
+"""Multi-head Latent Attention (MLA), naive and absorbed, split into the pieces a KV-cache backend needs.
+
+The latent KV cache stores, per token, `c_kv` (after `kv_a_layernorm`, C values) and `k_pe` (after
+RoPE, R values), shared by all heads (K2_FACTS §2.2). An `AttentionBackend` receives the projected
+queries and the new tokens' latents and returns the per-head attention output; `DenseCausalAttention`
+is the cache-less reference over a flat batch of independent sequences. A paged backend (engine)
+implements the same protocol, reading the layer id from `mla.layer_id`.
+
+Tensor letters: T query tokens, S key tokens, H heads, D model dim, C kv_lora_rank, R rope dim,
+Dn qk_nope_head_dim, Dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import nn
+
+from raymoe.model.args import ModelArgs
+from raymoe.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+
+# HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps (1e-6), not rms_norm_eps,
+# and so does DeepSeek-V3's inference/model.py.
+LATENT_NORM_EPS = 1e-6
+
+
+class AttentionBackend(ABC):
+    """Turns MLA queries and the current tokens' latents into the attention output o [T, H, Dv]."""
+
+    @abstractmethod
+    def __call__(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                 k_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope [T,H,Dn], q_pe [T,H,R], c_kv [T,C], k_pe [T,R] -> o [T,H,Dv]."""
+
+
+def causal_mask(seq_lens: list[int], device: torch.device | None = None) -> torch.Tensor:
+    """Block-diagonal causal mask [T, T] (True = may attend) for sequences packed back to back."""
+    lens = torch.tensor(seq_lens, dtype=torch.long, device=device)
+    seq_id = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens)  # [T]
+    idx = torch.arange(int(lens.sum()), device=device)
+    return (seq_id[:, None] == seq_id[None, :]) & (idx[None, :] <= idx[:, None])
+
+
+class DenseCausalAttention(AttentionBackend):
+    """No cache: each of the packed sequences attends causally to itself only.
+
+    `seq_lens` lists the lengths of the sequences laid out back to back in the flat batch
+    (None = one sequence covering all tokens). `mode` picks the naive (expand kv_b_proj) or
+    absorbed (attend in latent space) math; both give the same result.
+    """
+
+    def __init__(self, seq_lens: list[int] | None = None, mode: Literal["naive", "absorb"] = "naive") -> None:
+        if mode not in ("naive", "absorb"):
+            raise ValueError(f"mode {mode!r} is not supported (supported: 'naive', 'absorb')")
+        if seq_lens is not None and any(n < 1 for n in seq_lens):
+            raise ValueError(f"seq_lens ({seq_lens}) must all be >= 1")
+        self.seq_lens = list(seq_lens) if seq_lens is not None else None
+        self.mode = mode
+
+    def __call__(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                 k_pe: torch.Tensor) -> torch.Tensor:
+        num_tokens = q_nope.shape[0]
+        lens = self.seq_lens if self.seq_lens is not None else [num_tokens]
+        if sum(lens) != num_tokens:
+            raise ValueError(f"seq_lens ({lens}) sum to {sum(lens)}, but the batch has {num_tokens} tokens")
+        mask = causal_mask(lens, q_nope.device)
+        if self.mode == "naive":
+            return mla.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+        return mla.unabsorb(mla.attend_latent(mla.absorb_q(q_nope), q_pe, c_kv, k_pe, mask))
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scores [T,H,S] (already scaled), mask [T,S] -> probabilities in fp32, cast to `dtype` (as HF)."""
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+
+class MLA(nn.Module):
+    """DeepSeek-V3 MLA with HF parameter names (q_a_proj/q_b_proj or q_proj, kv_a_proj_with_mqa, ...)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.v_head_dim = args.v_head_dim
+        self.softmax_scale = args.softmax_scale
+        dim, heads, qk_dim = args.hidden_size, self.num_heads, args.qk_head_dim
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, heads * qk_dim, bias=False, dtype=dtype)
+        else:
+            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=False, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, dtype=dtype)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, heads * qk_dim, bias=False, dtype=dtype)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False, dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype=dtype)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
+                                   bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, dim, bias=False, dtype=dtype)
+        self.rotary = RotaryEmbedding(args)
+
+    # -- projections -------------------------------------------------------------------------
+    def project_q(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T,D], positions [T] -> q_nope [T,H,Dn], q_pe [T,H,R] (RoPE applied)."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(x.shape[0], self.num_heads, -1)  # [T,H,Dn+R]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        cos, sin = self.rotary(positions)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def project_kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T,D], positions [T] -> c_kv [T,C] (normalised), k_pe [T,R] (roped): what the cache stores."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        cos, sin = self.rotary(positions)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def _wkv_b(self) -> torch.Tensor:
+        """kv_b_proj weight as [H, Dn+Dv, C]."""
+        return self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+
+    # -- naive: expand the latent into per-head keys and values -------------------------------
+    def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        """q [T,H,*], c_kv [S,C], k_pe [S,R], mask [T,S] bool (each row needs a True) -> o [T,H,Dv]."""
+        kv = self.kv_b_proj(c_kv).view(c_kv.shape[0], self.num_heads, -1)  # [S,H,Dn+Dv]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        scores = torch.einsum("thd,shd->ths", q_nope, k_nope) + torch.einsum("thr,sr->ths", q_pe, k_pe)
+        probs = _softmax(scores * self.softmax_scale, mask, q_nope.dtype)  # [T,H,S]
+        return torch.einsum("ths,shd->thd", probs, v)
+
+    # -- absorbed: fold kv_b_proj into the query and the output ------------------------------
+    def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [T,H,Dn] -> q_lat [T,H,C] (q_nope · W_uk per head)."""
+        return torch.einsum("thd,hdc->thc", q_nope, self._wkv_b()[:, : self.qk_nope_head_dim])
+
+    def attend_latent(self, q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+        """q_lat [T,H,C], q_pe [T,H,R], c_kv [S,C], k_pe [S,R], mask [T,S] -> o_lat [T,H,C]."""
+        scores = torch.einsum("thc,sc->ths", q_lat, c_kv) + torch.einsum("thr,sr->ths", q_pe, k_pe)
+        probs = _softmax(scores * self.softmax_scale, mask, q_lat.dtype)
+        return torch.einsum("ths,sc->thc", probs, c_kv)
+
+    def unabsorb(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat [T,H,C] -> o [T,H,Dv] (· W_uv per head)."""
+        return torch.einsum("thc,hdc->thd", o_lat, self._wkv_b()[:, self.qk_nope_head_dim:])
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o [T,H,Dv] -> [T,D]."""
+        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.v_head_dim))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend | None = None) -> torch.Tensor:
+        """x [T,D], positions [T] -> [T,D]; `attn` defaults to one causal sequence (naive)."""
+        q_nope, q_pe = self.project_q(x, positions)
+        c_kv, k_pe = self.project_kv(x, positions)
+        attn = attn if attn is not None else DenseCausalAttention()
+        return self.output(attn(self, q_nope, q_pe, c_kv, k_pe))

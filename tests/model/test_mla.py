@@ -1,0 +1,249 @@
+"""MLA (naive vs absorbed, packed batches), RoPE, router and routed-expert unit tests (fp32, CPU)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raymoe.model.args import RopeArgs, get_preset
+from raymoe.model.layers import RotaryEmbedding, apply_rope, rope_inv_freq
+from raymoe.model.mla import MLA, DenseCausalAttention, causal_mask
+from raymoe.model.moe import Gate, MoE, RoutedExperts, moe_ref
+
+TINY = get_preset("tiny")
+
+
+@torch.no_grad()
+def randomize(module: nn.Module) -> nn.Module:
+    """Weights ~ N(0, 1/fan_in), 1-D weights ~ 1 + N(0, 0.1²) (norms not all ones), buffers ~ N(0, 0.1²)."""
+    for p in module.parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+        else:
+            p.copy_(1 + 0.1 * torch.randn_like(p))
+    for b in module.buffers():
+        b.normal_(0.0, 0.1)
+    return module
+
+
+def split_positions(seq_lens):
+    return torch.cat([torch.arange(n) for n in seq_lens])
+
+
+# -- MLA ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("q_lora_rank", [TINY.q_lora_rank, None])
+def test_absorbed_equals_naive_on_packed_sequences(q_lora_rank):
+    mla = randomize(MLA(TINY.replace(q_lora_rank=q_lora_rank), layer_id=0))
+    seq_lens = [5, 1, 9, 3]
+    x = torch.randn(sum(seq_lens), TINY.hidden_size)
+    pos = split_positions(seq_lens)
+    naive = mla(x, pos, DenseCausalAttention(seq_lens, "naive"))
+    absorbed = mla(x, pos, DenseCausalAttention(seq_lens, "absorb"))
+    assert naive.shape == (sum(seq_lens), TINY.hidden_size)
+    torch.testing.assert_close(absorbed, naive, atol=1e-5, rtol=0)
+
+
+def test_attend_latent_equals_naive_with_cache_prefix_mask():
+    # Decode/chunked-prefill shape: T new queries over S >= T cached keys, arbitrary visible sets.
+    mla = randomize(MLA(TINY, layer_id=3))
+    t, s = 4, 11
+    q_nope, q_pe = mla.project_q(torch.randn(t, TINY.hidden_size), torch.arange(7, 7 + t))
+    c_kv, k_pe = mla.project_kv(torch.randn(s, TINY.hidden_size), torch.arange(s))
+    mask = torch.rand(t, s) < 0.6
+    mask[:, 0] = True
+    naive = mla.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+    absorbed = mla.unabsorb(mla.attend_latent(mla.absorb_q(q_nope), q_pe, c_kv, k_pe, mask))
+    assert naive.shape == (t, TINY.num_attention_heads, TINY.v_head_dim)
+    torch.testing.assert_close(absorbed, naive, atol=1e-5, rtol=0)
+    # masked keys do not matter: changing them leaves the output unchanged
+    c_kv2 = torch.where(mask.any(0)[:, None], c_kv, torch.randn_like(c_kv))
+    torch.testing.assert_close(mla.attend_naive(q_nope, q_pe, c_kv2, k_pe, mask), naive)
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorb"])
+def test_packed_batch_equals_each_sequence_alone(mode):
+    mla = randomize(MLA(TINY, layer_id=1))
+    seq_lens = [3, 7, 1, 6]
+    x = torch.randn(sum(seq_lens), TINY.hidden_size)
+    packed = mla(x, split_positions(seq_lens), DenseCausalAttention(seq_lens, mode))
+    alone = [mla(xs, torch.arange(len(xs)), DenseCausalAttention(None, mode)) for xs in x.split(seq_lens)]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=0)
+
+
+def test_project_kv_is_normalised_latent_and_roped_key():
+    mla = randomize(MLA(TINY, layer_id=0))
+    x, pos = torch.randn(6, TINY.hidden_size), torch.arange(6)
+    c_kv, k_pe = mla.project_kv(x, pos)
+    assert c_kv.shape == (6, TINY.kv_lora_rank) and k_pe.shape == (6, TINY.qk_rope_head_dim)
+    raw_c, raw_pe = mla.kv_a_proj_with_mqa(x).split([TINY.kv_lora_rank, TINY.qk_rope_head_dim], -1)
+    torch.testing.assert_close(c_kv, mla.kv_a_layernorm(raw_c))
+    torch.testing.assert_close(k_pe[0], torch.cat([raw_pe[0, 0::2], raw_pe[0, 1::2]]))  # position 0: no rotation
+
+
+def test_dense_causal_attention_rejects_bad_input():
+    with pytest.raises(ValueError, match="mode"):
+        DenseCausalAttention(None, "flash")
+    with pytest.raises(ValueError, match="seq_lens"):
+        DenseCausalAttention([2, 0])
+    mla = MLA(TINY, layer_id=0)
+    with pytest.raises(ValueError, match="sum to 5"):
+        mla(torch.randn(4, TINY.hidden_size), torch.arange(4), DenseCausalAttention([2, 3]))
+
+
+def test_causal_mask_is_block_diagonal_lower_triangular():
+    m = causal_mask([2, 3])
+    want = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    assert torch.equal(m, want.bool())
+
+
+# -- RoPE --------------------------------------------------------------------------------------
+def test_rope_matches_deepseek_complex_form():
+    # DeepSeek-V3 inference/model.py rotates pairs as complex numbers; we return [evens | odds].
+    args = TINY.replace(rope=RopeArgs(rope_theta=10000.0))
+    rot = RotaryEmbedding(args)
+    r = args.qk_rope_head_dim
+    x, pos = torch.randn(5, 3, r), torch.tensor([0, 1, 7, 100, 4000])
+    cos, sin = rot(pos)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    z = torch.view_as_complex(x.double().view(5, 3, r // 2, 2)) * torch.polar(
+        torch.ones(5, r // 2, dtype=torch.float64), pos[:, None].double() * inv)[:, None]
+    ref = torch.view_as_real(z)  # [..., R/2, 2]
+    got = apply_rope(x, cos, sin)
+    torch.testing.assert_close(got.double(), torch.cat([ref[..., 0], ref[..., 1]], -1), atol=1e-4, rtol=0)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rot = RotaryEmbedding(TINY)  # YaRN preset, cos/sin scale 1 (mscale == mscale_all_dim)
+    q, k = torch.randn(1, TINY.qk_rope_head_dim), torch.randn(1, TINY.qk_rope_head_dim)
+
+    def score(pq, pk):
+        cq, sq = rot(torch.tensor([pq]))
+        ck, sk = rot(torch.tensor([pk]))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(9, 4), score(109, 104), atol=1e-4, rtol=0)
+    assert rot.attention_scaling == 1.0
+
+
+def test_yarn_hard_switch_for_k2_betas():
+    # K2-Thinking (K2_FACTS §2.2): beta_fast = beta_slow = 1 -> pairs 0..19 keep θ^-2i/64, pairs 20..31 are /64.
+    k2 = get_preset("kimi-k2-thinking")
+    inv, scale = rope_inv_freq(k2.rope, k2.qk_rope_head_dim)
+    base = 1.0 / (k2.rope.rope_theta ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    torch.testing.assert_close(inv[:20], base[:20])
+    torch.testing.assert_close(inv[20:], base[20:] / 64)
+    assert scale == 1.0
+    assert math.isclose(k2.softmax_scale, 0.144680, rel_tol=1e-5)
+
+
+def test_unknown_rope_type_is_rejected():
+    with pytest.raises(ValueError, match="longrope"):
+        rope_inv_freq(RopeArgs(rope_type="longrope"), 8)
+
+
+# -- router ------------------------------------------------------------------------------------
+def route_ref(scores, bias, n_group, topk_group, top_k):
+    """Brute force: per token, keep the best topk_group groups (sum of the top-2 biased scores), then top-k."""
+    e = scores.shape[1]
+    size = e // n_group
+    chosen = []
+    for row in scores + bias:
+        group_score = [sorted(row[g * size:(g + 1) * size].tolist())[-2:] for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: -sum(group_score[g]))[:topk_group]
+        allowed = [i for g in groups for i in range(g * size, (g + 1) * size)]
+        chosen.append(set(sorted(allowed, key=lambda i: -row[i].item())[:top_k]))
+    return chosen
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(4, 2), (4, 1), (1, 1)])
+def test_gate_group_limited_selection_matches_brute_force(n_group, topk_group):
+    args = TINY.replace(n_routed_experts=16, num_experts_per_tok=3, n_group=n_group, topk_group=topk_group)
+    gate = randomize(Gate(args))
+    x = torch.randn(40, args.hidden_size)
+    ids, w = gate(x)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == (40, 3)
+    scores = (x @ gate.weight.T).sigmoid()
+    want = route_ref(scores, gate.e_score_correction_bias, n_group, topk_group, 3)
+    assert [set(r.tolist()) for r in ids] == want
+    if n_group > 1:  # chosen experts lie in at most topk_group groups
+        assert all(len(set((r // (16 // n_group)).tolist())) <= topk_group for r in ids)
+
+
+def test_gate_bias_selects_but_does_not_weight():
+    args = TINY.replace(n_group=1, topk_group=1)
+    gate = Gate(args)
+    nn.init.zeros_(gate.weight)  # every score is sigmoid(0) = 0.5
+    gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.2, 0.0]))
+    ids, w = gate(torch.randn(5, args.hidden_size))
+    assert all(set(r.tolist()) == {1, 6} for r in ids)
+    torch.testing.assert_close(w, torch.full_like(w, args.routed_scaling_factor / 2))
+
+
+def test_gate_weights_sum_to_scaling_factor_or_are_raw_scores():
+    gate = randomize(Gate(TINY))
+    x = torch.randn(12, TINY.hidden_size, dtype=torch.bfloat16)
+    ids, w = gate(x)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.sum(-1), torch.full((12,), TINY.routed_scaling_factor))
+    raw = Gate(TINY.replace(norm_topk_prob=False))
+    raw.load_state_dict(gate.state_dict())
+    ids2, w2 = raw(x)
+    scores = (x.float() @ gate.weight.float().T).sigmoid()
+    assert torch.equal(ids2, ids)
+    torch.testing.assert_close(w2, scores.gather(1, ids) * TINY.routed_scaling_factor)
+
+
+# -- routed experts ----------------------------------------------------------------------------
+def routed_inputs(args, t=10):
+    x = torch.randn(t, args.hidden_size)
+    ids = torch.stack([torch.randperm(args.n_routed_experts)[: args.num_experts_per_tok] for _ in range(t)])
+    return x, ids, torch.rand(t, args.num_experts_per_tok)
+
+
+def test_routed_experts_match_reference_and_subsets_add_up():
+    args = TINY
+    full = randomize(RoutedExperts(args, range(args.n_routed_experts)))
+    x, ids, w = routed_inputs(args)
+    out = full(x, ids, w)
+    torch.testing.assert_close(out, moe_ref(full, x, ids, w), atol=1e-5, rtol=0)
+
+    part_a, part_b = [0, 3, 4, 7], [1, 2, 5, 6]
+    shards = []
+    for part in (part_a, part_b):
+        shard = RoutedExperts(args, part)
+        shard.load_state_dict({k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) in part})
+        shards.append(shard)
+        torch.testing.assert_close(shard(x, ids, w), moe_ref(shard, x, ids, w), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shards[0](x, ids, w) + shards[1](x, ids, w), out, atol=1e-5, rtol=0)
+    assert sorted(full.state_dict())[:3] == ["0.down_proj.weight", "0.gate_proj.weight", "0.up_proj.weight"]
+
+
+def test_routed_experts_empty_and_invalid():
+    x, ids, w = routed_inputs(TINY)
+    assert torch.equal(RoutedExperts(TINY, [])(x, ids, w), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="outside"):
+        RoutedExperts(TINY, [0, 8])
+    with pytest.raises(ValueError, match="duplicates"):
+        RoutedExperts(TINY, [1, 1])
+
+
+def test_moe_uses_routed_fn_when_set_and_names_match_checkpoint():
+    moe = randomize(MoE(TINY, layer_id=2))
+    x = torch.randn(6, TINY.hidden_size)
+    local = moe(x)
+    ids, w = moe.gate(x)
+    torch.testing.assert_close(local, moe.experts(x, ids, w) + moe.shared_experts(x))
+    calls = []
+
+    def remote(layer_id, xs, topk_ids, topk_weights):
+        calls.append(layer_id)
+        return moe.experts(xs, topk_ids, topk_weights)
+
+    moe.routed_fn = remote
+    torch.testing.assert_close(moe(x), local)
+    assert calls == [2]
+    keys = set(moe.state_dict())
+    assert {"gate.weight", "gate.e_score_correction_bias", "experts.7.up_proj.weight",
+            "shared_experts.down_proj.weight"} <= keys
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
