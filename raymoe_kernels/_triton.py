@@ -24,8 +24,8 @@ except ImportError:  # CPU-only install: references still work, launchers raise
 HAS_TRITON = triton is not None
 # triton.jit picks the interpreter at decoration time, so what matters is the env when this package was imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
-# The interpreter (triton 3.9) multiplies bf16 dot operands as raw uint16 bits: give it fp32 operands instead,
-# which is exact (bf16 products fit in fp32) and matches what the tensor cores compute.
+# The interpreter's tl.dot returns garbage for bf16 operands (triton 3.9 on CPU: errors ~1e10), so it gets fp32
+# operands instead: exact for 16-bit inputs (their products fit in fp32), as the tensor cores compute them.
 _UPCAST_DOT = tl.constexpr(INTERPRETED) if HAS_TRITON else INTERPRETED
 
 

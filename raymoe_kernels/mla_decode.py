@@ -8,13 +8,16 @@ keys' first C channels and one KV tile serves BLOCK_H heads at once (a [BLOCK_H,
 
 Split-KV (flash-decoding): each (sequence, head block, split) program runs an online softmax over a contiguous
 token range and writes a normalised partial output + log-sum-exp; a second kernel merges the splits. Splits keep
-the GPU busy at batch 1 with 32k tokens; decode reads the cache once: sum(seq_lens) * (C+R) * 2 bytes for bf16.
+the GPU busy at batch 1 with 32k tokens. Useful traffic is sum(seq_lens) * (C+R) * 2 bytes (bf16); each head block
+re-reads it (2x at H=64), and the blocks of one split run side by side, so the re-read should mostly hit L2 (not yet
+measured: raymoe_kernels/bench/bench_mla_decode.py).
 
 Shapes: B batch, H heads, C kv_lora_rank (512), R rope dim (64), S splits, N kv tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,11 +30,33 @@ _LOG2E = 1.4426950408889634
 
 
 @jit
-def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
-                       num_heads, lat_size, rope_size, block_size, num_splits, scale_log2,
-                       stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_kvb, stride_kvt, stride_btb,
-                       DOT_IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                       C_PAD: tl.constexpr, R_PAD: tl.constexpr):
+def _mla_decode_kernel(
+    q_lat_ptr,
+    q_pe_ptr,
+    kv_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    o_part_ptr,
+    lse_part_ptr,
+    num_heads,
+    lat_size,
+    rope_size,
+    block_size,
+    num_splits,
+    scale_log2,
+    stride_qlb,
+    stride_qlh,
+    stride_qpb,
+    stride_qph,
+    stride_kvb,
+    stride_kvt,
+    stride_btb,
+    DOT_IEEE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    C_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+):
     b = tl.program_id(0)
     pid_h = tl.program_id(1)
     split = tl.program_id(2)
@@ -47,44 +72,65 @@ def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, seq_lens_p
     hmask = offs_h < num_heads
     cmask = offs_c < lat_size  # C need not be a power of two: pad with masks
     rmask = offs_r < rope_size
-    q_lat = tl.load(q_lat_ptr + b * stride_qlb + offs_h[:, None] * stride_qlh + offs_c[None, :],
-                    mask=hmask[:, None] & cmask[None, :], other=0.0)  # [BH, C]
-    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
-                   mask=hmask[:, None] & rmask[None, :], other=0.0)  # [BH, R]
+    q_lat = tl.load(
+        q_lat_ptr + b * stride_qlb + offs_h[:, None] * stride_qlh + offs_c[None, :],
+        mask=hmask[:, None] & cmask[None, :],
+        other=0.0,
+    )  # [BH, C]
+    q_pe = tl.load(
+        q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
+        mask=hmask[:, None] & rmask[None, :],
+        other=0.0,
+    )  # [BH, R]
 
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_H], dtype=tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
     for t0 in range(start, end, BLOCK_N):
         offs_t = t0 + tl.arange(0, BLOCK_N)
         tmask = offs_t < end
         page = tl.load(block_tables_ptr + b * stride_btb + offs_t // block_size, mask=tmask, other=0)
         rows = page.to(tl.int64) * stride_kvb + (offs_t % block_size) * stride_kvt  # [BN] (int64: caches > 2^31 elems)
-        c_kv = tl.load(kv_ptr + rows[:, None] + offs_c[None, :], mask=tmask[:, None] & cmask[None, :],
-                       other=0.0)  # [BN, C]; read BN*C
-        k_pe = tl.load(kv_ptr + rows[:, None] + lat_size + offs_r[None, :], mask=tmask[:, None] & rmask[None, :],
-                       other=0.0)  # [BN, R]; read BN*R
+        c_kv = tl.load(
+            kv_ptr + rows[:, None] + offs_c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0
+        )  # [BN, C]; read BN*C
+        k_pe = tl.load(
+            kv_ptr + rows[:, None] + lat_size + offs_r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0
+        )  # [BN, R]; read BN*R
         s = dot_acc(q_lat, tl.trans(c_kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), DOT_IEEE)
         s = dot_acc(q_pe, tl.trans(k_pe), s, DOT_IEEE) * scale_log2  # [BH, BN], log2 domain
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile has >= 1 valid token
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         acc = dot_acc(p.to(c_kv.dtype), c_kv, acc * alpha[:, None], DOT_IEEE)
         m = m_new
 
-    # Empty split (short sequence): l == 0, lse = -inf, which the merge weighs as zero.
-    l_safe = tl.where(l > 0, l, 1.0)
+    # Empty split (short sequence): denom == 0, lse = -inf, which the merge weighs as zero.
+    denom_safe = tl.where(denom > 0, denom, 1.0)
     part = (b * num_heads + offs_h) * num_splits + split  # [BH] index into [B, H, S]
-    tl.store(lse_part_ptr + part, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")), mask=hmask)
-    tl.store(o_part_ptr + part[:, None] * lat_size + offs_c[None, :], acc / l_safe[:, None],
-             mask=hmask[:, None] & cmask[None, :])  # write BH*C fp32
+    tl.store(lse_part_ptr + part, tl.where(denom > 0, m + tl.log2(denom_safe), float("-inf")), mask=hmask)
+    tl.store(
+        o_part_ptr + part[:, None] * lat_size + offs_c[None, :],
+        acc / denom_safe[:, None],
+        mask=hmask[:, None] & cmask[None, :],
+    )  # write BH*C fp32
 
 
 @jit
-def _mla_decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, num_heads, lat_size, num_splits,
-                             stride_ob, stride_oh, C_PAD: tl.constexpr, S_PAD: tl.constexpr):
+def _mla_decode_merge_kernel(
+    o_part_ptr,
+    lse_part_ptr,
+    out_ptr,
+    num_heads,
+    lat_size,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    C_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     base = (b * num_heads + h) * num_splits
@@ -103,23 +149,36 @@ def _mla_decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, num_heads, lat_s
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _default_num_splits(batch: int, num_head_blocks: int, max_seq_len: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     # Aim for two waves of programs; below ~256 tokens a split's fixed cost outweighs the parallelism.
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     wanted = triton.cdiv(2 * num_sms, max(1, batch * num_head_blocks))
     return max(1, min(wanted, triton.cdiv(max_seq_len, 256), 64))
 
 
-def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-               seq_lens: torch.Tensor, softmax_scale: float, num_splits: int | None = None) -> torch.Tensor:
+def mla_decode(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Absorbed-MLA decode attention for one query token per sequence over a paged latent cache.
 
     Args:
         q_lat: [B, H, C] queries with W_UK absorbed.  q_pe: [B, H, R] roped query part.
         kv_cache: [num_blocks, block_size, C+R] latent c_kv | roped k_pe, same dtype as the queries.
-        block_tables: [B, max_blocks] int, page ids of each sequence in order.
+        block_tables: [B, max_blocks] int, page ids of each sequence in order (covering seq_lens: not checked,
+            that would need a host sync).
         seq_lens: [B] int, tokens per sequence (0 gives a zero output row).
         softmax_scale: multiplies the scores before the softmax.
         num_splits: KV splits per sequence; None picks one from the device's SM count.
@@ -127,10 +186,12 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     Returns:
         [B, H, C] in q_lat.dtype.
     """
-    assert q_lat.dim() == 3 and q_pe.dim() == 3 and kv_cache.dim() == 3, "expected q_lat/q_pe [B, H, *], kv [N, bs, C+R]"
+    assert q_lat.dim() == 3 and q_pe.dim() == 3 and kv_cache.dim() == 3, (
+        "expected q_lat/q_pe [B, H, *], kv [N, bs, C+R]"
+    )
     batch, num_heads, lat_size = q_lat.shape
     rope_size = q_pe.shape[2]
-    num_blocks, block_size, kv_size = kv_cache.shape
+    _, block_size, kv_size = kv_cache.shape
     assert q_pe.shape[:2] == (batch, num_heads), f"q_pe {tuple(q_pe.shape)} does not match q_lat {tuple(q_lat.shape)}"
     assert kv_size == lat_size + rope_size, f"kv_cache last dim ({kv_size}) must be C + R ({lat_size} + {rope_size})"
     assert q_lat.dtype == q_pe.dtype == kv_cache.dtype, "q_lat, q_pe and kv_cache must share a dtype"
@@ -154,22 +215,59 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     lse_part = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q_lat.device)
     big = block_h * c_pad > 8192
     _mla_decode_kernel[(batch, num_head_blocks, num_splits)](
-        q_lat, q_pe, kv_cache, block_tables, seq_lens, o_part, lse_part,
-        num_heads, lat_size, rope_size, block_size, num_splits, softmax_scale * _LOG2E,
-        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        q_lat,
+        q_pe,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        o_part,
+        lse_part,
+        num_heads,
+        lat_size,
+        rope_size,
+        block_size,
+        num_splits,
+        softmax_scale * _LOG2E,
+        q_lat.stride(0),
+        q_lat.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
         block_tables.stride(0),
-        DOT_IEEE=q_lat.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=32 if big else 64,
-        C_PAD=c_pad, R_PAD=r_pad, num_warps=8 if big else 4, num_stages=2,
+        DOT_IEEE=q_lat.dtype == torch.float32,
+        BLOCK_H=block_h,
+        BLOCK_N=32 if big else 64,
+        C_PAD=c_pad,
+        R_PAD=r_pad,
+        num_warps=8 if big else 4,
+        num_stages=2,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
-        o_part, lse_part, out, num_heads, lat_size, num_splits, out.stride(0), out.stride(1),
-        C_PAD=c_pad, S_PAD=next_pow2(num_splits), num_warps=4,
+        o_part,
+        lse_part,
+        out,
+        num_heads,
+        lat_size,
+        num_splits,
+        out.stride(0),
+        out.stride(1),
+        C_PAD=c_pad,
+        S_PAD=next_pow2(num_splits),
+        num_warps=4,
     )
     return out
 
 
-def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                   seq_lens: torch.Tensor, softmax_scale: float, num_splits: int | None = None) -> torch.Tensor:
+def mla_decode_ref(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Torch reference for `mla_decode`: gather each sequence's pages, plain fp32 softmax attention.
 
     `num_splits` is accepted for signature parity and ignored.

@@ -28,10 +28,37 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @jit
-def _fused_moe_w4a16_kernel(a_ptr, expert_offsets_ptr, w_ptr, s_ptr, c_ptr, N, K, num_experts,
-                            stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_cm,
-                            GROUP_SIZE: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_IEEE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr):
+def _dequant_tile(packed, scale, shifts, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BK/8, BN] int32 words + [BK/8, BN] scales -> fp32 [BK, BN] = (nibble - 8) * scale."""
+    # Arithmetic >> then & 0xF is right for the sign-carrying top nibble too (K2_FACTS §1.5 sign note).
+    q = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN]
+    return tl.reshape((q - 8).to(tl.float32) * scale[:, None, :], [BLOCK_K, BLOCK_N])
+
+
+@jit
+def _fused_moe_w4a16_kernel(
+    a_ptr,
+    expert_offsets_ptr,
+    w_ptr,
+    s_ptr,
+    c_ptr,
+    N,
+    K,
+    num_experts,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_cm,
+    GROUP_SIZE: tl.constexpr,
+    FUSE_SWIGLU: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
 
@@ -50,33 +77,31 @@ def _fused_moe_w4a16_kernel(a_ptr, expert_offsets_ptr, w_ptr, s_ptr, c_ptr, N, K
     row_end = tl.load(expert_offsets_ptr + expert + 1).to(tl.int32)
     offs_m = row_start + tile_in_expert * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_K // 8)  # packed int32 columns of a K tile
+    shifts = tl.arange(0, 8) * 4  # nibble i of an int32 is input column 8j + i (LSB first)
     mmask = offs_m < row_end
     nmask = offs_n < N
 
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]  # [BM, BK]
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :]  # [BM, BK]
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn  # [1, BN]
     s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + offs_n[None, :] * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        kmask = kk < K
+        kmask = (k0 + tl.arange(0, BLOCK_K)) < K
         a = tl.load(a_ptrs + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)  # read BM*BK activations
-        wmask = kmask[:, None] & nmask[None, :]
-        # W^T tile [BK, BN]: column k of the tile lives in int32 k//8 at nibble k%8 (each int32 loaded 8x, L1 hits).
-        packed_cols = (kk // 8)[:, None]
-        shifts = ((kk % 8) * 4)[:, None]
-        scale_cols = (kk // GROUP_SIZE)[:, None]
-        packed = tl.load(w_ptrs + packed_cols, mask=wmask, other=0)  # read BN*BK/2 bytes
-        scale = tl.load(s_ptrs + scale_cols, mask=wmask, other=0.0).to(tl.float32)
-        # Arithmetic >> then & 0xF is right for the sign-carrying top nibble too (K2_FACTS §1.5 sign note).
-        w = (((packed >> shifts) & 0xF) - 8).to(tl.float32) * scale
-        acc = dot_acc(a, w.to(a.dtype), acc, DOT_IEEE)
+        # W^T tile as [BK/8, BN] int32 + one scale per int32 (group_size % 8 == 0): each word is loaded once,
+        # unpacked to [BK/8, 8, BN] and reshaped to [BK, BN], whose row 8j + i is nibble i of packed row j.
+        packed_cols = k0 // 8 + offs_p
+        pmask = (packed_cols < K // 8)[:, None] & nmask[None, :]
+        scale_cols = (packed_cols * 8 // GROUP_SIZE)[:, None]
+        packed = tl.load(w_ptrs + packed_cols[:, None], mask=pmask, other=0)  # read BN*BK/2 bytes
+        scale = tl.load(s_ptrs + scale_cols, mask=pmask, other=0.0).to(tl.float32)
+        acc = dot_acc(a, _dequant_tile(packed, scale, shifts, BLOCK_K, BLOCK_N).to(a.dtype), acc, DOT_IEEE)
         if FUSE_SWIGLU:  # up rows sit N rows below the gate rows
-            packed = tl.load(w_ptrs + N * stride_wn + packed_cols, mask=wmask, other=0)
-            scale = tl.load(s_ptrs + N * stride_sn + scale_cols, mask=wmask, other=0.0).to(tl.float32)
-            w = (((packed >> shifts) & 0xF) - 8).to(tl.float32) * scale
+            packed = tl.load(w_ptrs + N * stride_wn + packed_cols[:, None], mask=pmask, other=0)
+            scale = tl.load(s_ptrs + N * stride_sn + scale_cols, mask=pmask, other=0.0).to(tl.float32)
+            w = _dequant_tile(packed, scale, shifts, BLOCK_K, BLOCK_N)
             acc_up = dot_acc(a, w.to(a.dtype), acc_up, DOT_IEEE)
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -91,17 +116,34 @@ def _launch(a, expert_offsets, w, s, c, n, k, group_size, fuse_swiglu):
     rows_per_expert = num_rows / max(1, min(num_experts, num_rows))
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
     block_n = min(64, max(16, next_pow2(n)))
-    block_k = min(128, next_pow2(k))  # k is a multiple of group_size (>= 32)
+    block_k = max(32, min(128, next_pow2(k)))  # tl.dot needs K >= 16; masks cover k < BLOCK_K
     # sum_e cdiv(count_e, BM) <= (M + nonempty*(BM-1)) // BM with nonempty <= min(E, M): no host sync needed.
     max_tiles = (num_rows + min(num_experts, num_rows) * (block_m - 1)) // block_m
     grid = (max_tiles, triton.cdiv(n, block_n))
     _fused_moe_w4a16_kernel[grid](
-        a, expert_offsets, w, s, c, n, k, num_experts,
-        a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), c.stride(0),
-        GROUP_SIZE=group_size, FUSE_SWIGLU=fuse_swiglu,
+        a,
+        expert_offsets,
+        w,
+        s,
+        c,
+        n,
+        k,
+        num_experts,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        s.stride(0),
+        s.stride(1),
+        c.stride(0),
+        GROUP_SIZE=group_size,
+        FUSE_SWIGLU=fuse_swiglu,
         DOT_IEEE=a.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, E_PAD=next_pow2(num_experts),
-        num_warps=4, num_stages=3,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        E_PAD=next_pow2(num_experts),
+        num_warps=4,
+        num_stages=3,
     )
 
 
@@ -111,7 +153,9 @@ def _check_shapes(x_sorted, expert_offsets, w13_packed, w13_scale, w2_packed, w2
     num_experts, two_inter, _ = w13_packed.shape
     inter_size = two_inter // 2
     assert group_size % 8 == 0, f"group_size ({group_size}) must be a multiple of the 8 nibbles per int32"
-    assert hidden_size % group_size == 0, f"hidden size D ({hidden_size}) must be a multiple of group_size ({group_size})"
+    assert hidden_size % group_size == 0, (
+        f"hidden size D ({hidden_size}) must be a multiple of group_size ({group_size})"
+    )
     assert inter_size % group_size == 0 and two_inter == 2 * inter_size, (
         f"moe inter dim I ({two_inter} / 2) must be a multiple of group_size ({group_size})"
     )
@@ -123,7 +167,9 @@ def _check_shapes(x_sorted, expert_offsets, w13_packed, w13_scale, w2_packed, w2
         "expert_offsets": (expert_offsets, (num_experts + 1,)),
     }
     for name, (t, shape) in expected.items():
-        assert tuple(t.shape) == shape, f"{name} must be {shape} for E={num_experts}, D={hidden_size}, I={inter_size}; got {tuple(t.shape)}"
+        assert tuple(t.shape) == shape, (
+            f"{name} must be {shape} for E={num_experts}, D={hidden_size}, I={inter_size}; got {tuple(t.shape)}"
+        )
         assert t.stride(-1) == 1, f"{name} must be contiguous in its last dim"
     assert w13_packed.dtype == w2_packed.dtype == torch.int32, "packed weights must be int32"
     assert w13_scale.dtype in _FLOAT_DTYPES and w2_scale.dtype in _FLOAT_DTYPES, "scales must be float"
@@ -131,9 +177,15 @@ def _check_shapes(x_sorted, expert_offsets, w13_packed, w13_scale, w2_packed, w2
     return hidden_size, inter_size
 
 
-def fused_moe_w4a16(x_sorted: torch.Tensor, expert_offsets: torch.Tensor, w13_packed: torch.Tensor,
-                    w13_scale: torch.Tensor, w2_packed: torch.Tensor, w2_scale: torch.Tensor,
-                    group_size: int = 32) -> torch.Tensor:
+def fused_moe_w4a16(
+    x_sorted: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scale: torch.Tensor,
+    group_size: int = 32,
+) -> torch.Tensor:
     """Per routed row of expert e: down_e(silu(gate_e(x)) * up_e(x)), INT4 weights dequantised in-kernel.
 
     Args:
@@ -146,8 +198,9 @@ def fused_moe_w4a16(x_sorted: torch.Tensor, expert_offsets: torch.Tensor, w13_pa
     Returns:
         [M, D] in x_sorted.dtype; rows outside [expert_offsets[0], expert_offsets[E]) are zero.
     """
-    hidden_size, inter_size = _check_shapes(x_sorted, expert_offsets, w13_packed, w13_scale, w2_packed, w2_scale,
-                                            group_size)
+    hidden_size, inter_size = _check_shapes(
+        x_sorted, expert_offsets, w13_packed, w13_scale, w2_packed, w2_scale, group_size
+    )
     require_triton("fused_moe_w4a16", x_sorted, expert_offsets, w13_packed, w13_scale, w2_packed, w2_scale)
     num_rows = x_sorted.shape[0]
     out = torch.zeros(num_rows, hidden_size, dtype=x_sorted.dtype, device=x_sorted.device)
@@ -175,9 +228,15 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int = 32
     return q.float() * scale.float().repeat_interleave(group_size, dim=-1)
 
 
-def fused_moe_w4a16_ref(x_sorted: torch.Tensor, expert_offsets: torch.Tensor, w13_packed: torch.Tensor,
-                        w13_scale: torch.Tensor, w2_packed: torch.Tensor, w2_scale: torch.Tensor,
-                        group_size: int = 32) -> torch.Tensor:
+def fused_moe_w4a16_ref(
+    x_sorted: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scale: torch.Tensor,
+    group_size: int = 32,
+) -> torch.Tensor:
     """Torch reference for `fused_moe_w4a16`: dequantise, then one fp32 matmul pair per non-empty expert."""
     out = torch.zeros(x_sorted.shape, dtype=torch.float32, device=x_sorted.device)
     offsets = expert_offsets.tolist()

@@ -27,8 +27,9 @@ _PERMUTE_BLOCK = 128
 
 
 @jit
-def _moe_permute_hist_kernel(topk_ids_ptr, block_counts_ptr, num_pairs, num_experts,
-                             BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+def _moe_permute_hist_kernel(
+    topk_ids_ptr, block_counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr, E_PAD: tl.constexpr
+):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     # Out-of-range pairs go to bin `num_experts` (E_PAD > E), which is never stored: no `mask=` needed on histogram.
@@ -39,8 +40,15 @@ def _moe_permute_hist_kernel(topk_ids_ptr, block_counts_ptr, num_pairs, num_expe
 
 
 @jit
-def _moe_permute_scan_kernel(block_counts_ptr, block_base_ptr, expert_counts_ptr, expert_offsets_ptr,
-                             num_blocks, num_experts, E_PAD: tl.constexpr):
+def _moe_permute_scan_kernel(
+    block_counts_ptr,
+    block_base_ptr,
+    expert_counts_ptr,
+    expert_offsets_ptr,
+    num_blocks,
+    num_experts,
+    E_PAD: tl.constexpr,
+):
     experts = tl.arange(0, E_PAD)
     emask = experts < num_experts
     # Pass 1: per-expert totals.
@@ -60,8 +68,9 @@ def _moe_permute_scan_kernel(block_counts_ptr, block_base_ptr, expert_counts_ptr
 
 
 @jit
-def _moe_permute_scatter_kernel(topk_ids_ptr, block_base_ptr, sorted_ids_ptr, inverse_ptr, num_pairs,
-                                num_experts, BLOCK: tl.constexpr):
+def _moe_permute_scatter_kernel(
+    topk_ids_ptr, block_base_ptr, sorted_ids_ptr, inverse_ptr, num_pairs, num_experts, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     local = tl.arange(0, BLOCK)
     offs = pid * BLOCK + local
@@ -77,8 +86,17 @@ def _moe_permute_scatter_kernel(topk_ids_ptr, block_base_ptr, sorted_ids_ptr, in
 
 
 @jit
-def _moe_unpermute_kernel(expert_out_ptr, inverse_ptr, weights_ptr, out_ptr, hidden_size, stride_eo, stride_o,
-                          TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _moe_unpermute_kernel(
+    expert_out_ptr,
+    inverse_ptr,
+    weights_ptr,
+    out_ptr,
+    hidden_size,
+    stride_eo,
+    stride_o,
+    TOP_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     t = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < hidden_size
@@ -120,13 +138,16 @@ def moe_permute(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     block_counts = torch.empty(max(num_blocks, 1), num_experts, dtype=torch.int32, device=device)
     block_base = torch.empty_like(block_counts)
     if num_blocks > 0:
-        _moe_permute_hist_kernel[(num_blocks,)](ids, block_counts, num_pairs, num_experts,
-                                                BLOCK=_PERMUTE_BLOCK, E_PAD=e_pad)
-    _moe_permute_scan_kernel[(1,)](block_counts, block_base, expert_counts, expert_offsets, num_blocks,
-                                   num_experts, E_PAD=e_pad, num_warps=4)
+        _moe_permute_hist_kernel[(num_blocks,)](
+            ids, block_counts, num_pairs, num_experts, BLOCK=_PERMUTE_BLOCK, E_PAD=e_pad
+        )
+    _moe_permute_scan_kernel[(1,)](
+        block_counts, block_base, expert_counts, expert_offsets, num_blocks, num_experts, E_PAD=e_pad, num_warps=4
+    )
     if num_blocks > 0:
-        _moe_permute_scatter_kernel[(num_blocks,)](ids, block_base, sorted_ids, inverse, num_pairs, num_experts,
-                                                   BLOCK=_PERMUTE_BLOCK, num_warps=8)
+        _moe_permute_scatter_kernel[(num_blocks,)](
+            ids, block_base, sorted_ids, inverse, num_pairs, num_experts, BLOCK=_PERMUTE_BLOCK, num_warps=8
+        )
     return sorted_ids, expert_counts, expert_offsets, inverse
 
 
@@ -166,8 +187,18 @@ def moe_unpermute(expert_out: torch.Tensor, inverse: torch.Tensor, topk_weights:
         return out
     block_d = min(1024, next_pow2(hidden_size))
     grid = (num_tokens, triton.cdiv(hidden_size, block_d))
-    _moe_unpermute_kernel[grid](expert_out, inverse.contiguous(), topk_weights.contiguous(), out, hidden_size,
-                                expert_out.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=block_d, num_warps=4)
+    _moe_unpermute_kernel[grid](
+        expert_out,
+        inverse.contiguous(),
+        topk_weights.contiguous(),
+        out,
+        hidden_size,
+        expert_out.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
     return out
 
 

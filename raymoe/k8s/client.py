@@ -39,24 +39,39 @@ class Resource:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
-RAYSERVICE = Resource("ray.io", "v1", "rayservices", "RayService",
-                      "install the KubeRay operator and its CRDs (helm install kuberay-operator kuberay/kuberay-operator)")
-RESOURCES = {r.kind: r for r in (
-    RAYSERVICE,
-    Resource("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor",
-             "install the prometheus-operator CRDs, or render with monitoring.podMonitors.enabled=false"),
-    Resource("", "v1", "services", "Service"),
-    Resource("", "v1", "secrets", "Secret"),
-    Resource("", "v1", "configmaps", "ConfigMap"),
-    Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
-)}
+RAYSERVICE = Resource(
+    "ray.io",
+    "v1",
+    "rayservices",
+    "RayService",
+    "install the KubeRay operator and its CRDs (helm install kuberay-operator kuberay/kuberay-operator)",
+)
+RESOURCES = {
+    r.kind: r
+    for r in (
+        RAYSERVICE,
+        Resource(
+            "monitoring.coreos.com",
+            "v1",
+            "podmonitors",
+            "PodMonitor",
+            "install the prometheus-operator CRDs, or render with monitoring.podMonitors.enabled=false",
+        ),
+        Resource("", "v1", "services", "Service"),
+        Resource("", "v1", "secrets", "Secret"),
+        Resource("", "v1", "configmaps", "ConfigMap"),
+        Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
+    )
+}
 
 
 def resource_for(doc: Mapping[str, Any]) -> Resource:
     res = RESOURCES.get(doc.get("kind", ""))
     if res is None or res.api_version != doc.get("apiVersion"):
-        raise K8sError(f"cannot apply {doc.get('apiVersion')} {doc.get('kind')}: raymoe k8s handles "
-                       f"{', '.join(sorted(RESOURCES))}; use kubectl for the rest")
+        raise K8sError(
+            f"cannot apply {doc.get('apiVersion')} {doc.get('kind')}: raymoe k8s handles "
+            f"{', '.join(sorted(RESOURCES))}; use kubectl for the rest"
+        )
     return res
 
 
@@ -108,23 +123,32 @@ class KubeClient:
 
     # --------------------------------------------------------------- raw verbs
     def _ops(self, res: Resource) -> dict[str, Callable[..., Any]]:
-        kw = {"_request_timeout": TIMEOUT_S}
+        # Only a custom object's GET body is used; other responses stay raw (drained, not decoded), so
+        # a DELETE answering with a Status or with the deleted object both work on every client version.
+        get_kw = {"_request_timeout": TIMEOUT_S}
+        kw = {**get_kw, "_preload_content": False}
         if res.kind in ("RayService", "PodMonitor"):
             gvp = (res.group, res.version)
             c = self._custom
             return {
-                "get": lambda ns, n: c.get_namespaced_custom_object(*gvp, ns, res.plural, n, **kw),
+                "get": lambda ns, n: c.get_namespaced_custom_object(*gvp, ns, res.plural, n, **get_kw),
                 "create": lambda ns, b: c.create_namespaced_custom_object(*gvp, ns, res.plural, b, **kw),
                 "patch": lambda ns, n, b: c.patch_namespaced_custom_object(*gvp, ns, res.plural, n, b, **kw),
                 "delete": lambda ns, n: c.delete_namespaced_custom_object(*gvp, ns, res.plural, n, **kw),
             }
-        api, suffix = {"Service": (self._core, "service"), "Secret": (self._core, "secret"),
-                       "ConfigMap": (self._core, "config_map"), "NetworkPolicy": (self._net, "network_policy")}[res.kind]
+        api, suffix = {
+            "Service": (self._core, "service"),
+            "Secret": (self._core, "secret"),
+            "ConfigMap": (self._core, "config_map"),
+            "NetworkPolicy": (self._net, "network_policy"),
+        }[res.kind]
         return {
             "get": lambda ns, n: getattr(api, f"read_namespaced_{suffix}")(n, ns, **kw),
             "create": lambda ns, b: getattr(api, f"create_namespaced_{suffix}")(ns, b, **kw),
             # Core PATCH defaults to JSON-patch in recent clients; a dict body is a merge patch.
-            "patch": lambda ns, n, b: getattr(api, f"patch_namespaced_{suffix}")(n, ns, b, _content_type=MERGE_PATCH, **kw),
+            "patch": lambda ns, n, b: getattr(api, f"patch_namespaced_{suffix}")(
+                n, ns, b, _content_type=MERGE_PATCH, **kw
+            ),
             "delete": lambda ns, n: getattr(api, f"delete_namespaced_{suffix}")(n, ns, **kw),
         }
 
@@ -134,22 +158,33 @@ class KubeClient:
         from urllib3.exceptions import HTTPError
 
         try:
-            return self._ops(res)[verb](namespace, *args)
+            result = self._ops(res)[verb](namespace, *args)
+            if callable(getattr(result, "read", None)):  # raw response: read it so the connection is reused
+                result.read()
+            return result
         except ApiException as e:
             body = _status_body(e)
             message = _one_line(body.get("message") or e.reason or "")
             where = f"{res.kind} {namespace}/{name}"
             if e.status == 404:
-                if (body.get("details") or {}).get("name") and verb in ("get", "delete"):
-                    return None  # the object is absent; the API itself exists
-                raise K8sError(f"{res.kind} API {res.api_version} is not served by this cluster "
-                               f"(404 on {res.fqn}): {res.hint or message}") from e
+                if (body.get("details") or {}).get("name"):  # the API exists, an object does not
+                    if verb in ("get", "delete"):
+                        return None
+                    raise K8sError(f"{verb} {where}: not found (404): {message}") from e
+                raise K8sError(
+                    f"{res.kind} API {res.api_version} is not served by this cluster "
+                    f"(404 on {res.fqn}): {res.hint or message}"
+                ) from e
             if e.status == 403:
-                raise K8sError(f"forbidden (403): {message or 'access denied'}; your credentials need '{verb}' "
-                               f"on {res.fqn} in namespace {namespace} (check RBAC)") from e
+                raise K8sError(
+                    f"forbidden (403): {message or 'access denied'}; your credentials need '{verb}' "
+                    f"on {res.fqn} in namespace {namespace} (check RBAC)"
+                ) from e
             if e.status == 409:
-                raise K8sError(f"conflict (409) on {where}: {message or 'conflict'}; another writer changed it "
-                               f"or it is being deleted, re-run when it settles") from e
+                raise K8sError(
+                    f"conflict (409) on {where}: {message or 'conflict'}; another writer changed it "
+                    f"or it is being deleted, re-run when it settles"
+                ) from e
             if e.status == 401:
                 raise K8sError(f"unauthorized (401): the cluster rejected the credentials: {message}") from e
             raise K8sError(f"{verb} {where} failed ({e.status}): {message}") from e
@@ -174,6 +209,8 @@ class KubeClient:
 
     def delete(self, kind: str, name: str, namespace: str) -> bool:
         """Delete one object; False when it was already gone."""
+        if kind not in RESOURCES:
+            raise K8sError(f"cannot delete {kind} {name}: raymoe k8s handles {', '.join(sorted(RESOURCES))}")
         return self._call(RESOURCES[kind], "delete", namespace, name, name) is not None
 
     def get_rayservice(self, name: str, namespace: str) -> dict[str, Any] | None:
@@ -200,22 +237,39 @@ def summarize(obj: Mapping[str, Any]) -> dict[str, Any]:
         "cluster_state": cluster.get("state"),
         "ready_workers": cluster.get("readyWorkerReplicas", 0),
         "desired_workers": cluster.get("desiredWorkerReplicas", 0),
-        "worker_groups": [{"name": g.get("groupName"), "replicas": g.get("replicas"),
-                           "min_replicas": g.get("minReplicas"), "max_replicas": g.get("maxReplicas")} for g in groups],
-        "applications": {app: {"status": s.get("status"),
-                               "deployments": {d: v.get("status") for d, v in (s.get("serveDeploymentStatuses") or {}).items()}}
-                         for app, s in (active.get("applicationStatuses") or {}).items()},
+        "worker_groups": [
+            {
+                "name": g.get("groupName"),
+                "replicas": g.get("replicas"),
+                "min_replicas": g.get("minReplicas"),
+                "max_replicas": g.get("maxReplicas"),
+            }
+            for g in groups
+        ],
+        "applications": {
+            app: {
+                "status": s.get("status"),
+                "deployments": {d: v.get("status") for d, v in (s.get("serveDeploymentStatuses") or {}).items()},
+            }
+            for app, s in (active.get("applicationStatuses") or {}).items()
+        },
     }
 
 
 def format_status(summary: Mapping[str, Any]) -> str:
     s = summary
-    lines = [f"RayService {s['namespace']}/{s['name']}: {'Ready' if s['ready'] else 'NotReady'} ({s['reason']})"
-             + (" [upgrade in progress]" if s["upgrading"] else "")]
-    lines.append(f"  cluster {s['cluster'] or '-'}: state={s['cluster_state'] or '-'}, "
-                 f"workers ready {s['ready_workers']}/{s['desired_workers']}")
+    lines = [
+        f"RayService {s['namespace']}/{s['name']}: {'Ready' if s['ready'] else 'NotReady'} ({s['reason']})"
+        + (" [upgrade in progress]" if s["upgrading"] else "")
+    ]
+    lines.append(
+        f"  cluster {s['cluster'] or '-'}: state={s['cluster_state'] or '-'}, "
+        f"workers ready {s['ready_workers']}/{s['desired_workers']}"
+    )
     for g in s["worker_groups"]:
-        lines.append(f"  group {g['name']}: replicas={g['replicas']} (min {g['min_replicas']}, max {g['max_replicas']})")
+        lines.append(
+            f"  group {g['name']}: replicas={g['replicas']} (min {g['min_replicas']}, max {g['max_replicas']})"
+        )
     if not s["applications"]:
         lines.append("  serve: no application status yet")
     for app, a in s["applications"].items():

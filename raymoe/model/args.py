@@ -258,8 +258,9 @@ class ModelArgs:
         if cfg.get("num_nextn_predict_layers", 0) not in (0, None):
             pass  # MTP layers are not loaded (speculative decoding is not implemented); they are skipped.
         names = {f.name for f in dataclasses.fields(cls)} - {"rope", "quantization", "torch_dtype"}
-        kwargs: dict[str, Any] = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None or k == "q_lora_rank"}
-        kwargs["q_lora_rank"] = cfg.get("q_lora_rank")
+        # null is a value for these (no query compression, no BOS/EOS id), not "use the K2 default".
+        nullable = {"q_lora_rank", "bos_token_id", "eos_token_id"}
+        kwargs: dict[str, Any] = {k: cfg[k] for k in names if k in cfg and (cfg[k] is not None or k in nullable)}
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             kwargs["eos_token_id"] = eos[0] if eos else None

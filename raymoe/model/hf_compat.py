@@ -28,4 +28,15 @@ def register_kimi_k2() -> None:
         AutoModelForCausalLM.register(KimiK2Config, KimiK2ForCausalLM)
     except ValueError:
         pass  # already registered (by a newer transformers or another library)
+    try:  # transformers 5 fuses per-expert checkpoint tensors on load, keyed by model_type
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # transformers 4: per-expert modules, no conversion needed
+        pass
+    else:
+        mapping = get_checkpoint_conversion_mapping("deepseek_v3")
+        if mapping is not None and get_checkpoint_conversion_mapping("kimi_k2") is None:
+            register_checkpoint_conversion_mapping("kimi_k2", mapping)
     _done = True

@@ -27,9 +27,19 @@ CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "raymoe"
 
 # Kubernetes/KubeRay objects passed through verbatim: any keys allowed, the API server checks them.
 FREE_FORM = {
-    "commonLabels", "podSecurityContext", "containerSecurityContext", "upgradeStrategy", "resources",
-    "rayStartParams", "rayResources", "podLabels", "podAnnotations", "annotations", "labels",
-    "nodeSelector", "affinity",
+    "commonLabels",
+    "podSecurityContext",
+    "containerSecurityContext",
+    "upgradeStrategy",
+    "resources",
+    "rayStartParams",
+    "rayResources",
+    "podLabels",
+    "podAnnotations",
+    "annotations",
+    "labels",
+    "nodeSelector",
+    "affinity",
 }
 QUANTITY = {"type": ["string", "integer"]}
 # Constraints a default value cannot show.
@@ -85,8 +95,11 @@ def _infer(value: Any, path: str, comments: dict[str, str]) -> dict[str, Any]:
     structural = isinstance(value, dict) and value and key not in FREE_FORM
     schema: dict[str, Any]
     if structural:
-        schema = {"type": "object", "additionalProperties": False,
-                  "properties": {k: _infer(v, f"{path}.{k}", comments) for k, v in value.items()}}
+        schema = {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {k: _infer(v, f"{path}.{k}", comments) for k, v in value.items()},
+        }
     elif isinstance(value, dict):
         schema = {"type": "object"}
         if key == "rayStartParams":

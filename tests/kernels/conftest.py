@@ -1,8 +1,9 @@
 """Kernel tests run on every machine: on CUDA when present, else on CPU under the Triton interpreter.
 
-triton.jit chooses the interpreter when a kernel is *decorated*, i.e. when raymoe_kernels is imported, so
-TRITON_INTERPRET must be set before that import. Modules imported earlier without it (say by a test of a tier
-that uses the kernels, collected before this directory) are dropped so the kernel tests import fresh copies.
+triton.jit picks the interpreter when a function is *decorated*, Triton's own tl.* helpers included, so
+TRITON_INTERPRET must be set before `triton` is first imported. This conftest sets it when it is first; if some
+test collected earlier (e.g. of a tier that uses the kernels) already imported triton, it stops the run with the fix
+rather than letting every kernel test fail obscurely.
 """
 
 import os
@@ -12,9 +13,12 @@ import pytest
 import torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        raise pytest.UsageError(
+            "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1 (no CUDA device): "
+            "set it in tests/conftest.py before anything imports triton, or export TRITON_INTERPRET=1"
+        )
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in [m for m in sys.modules if m == "raymoe_kernels" or m.startswith("raymoe_kernels.")]:
-        del sys.modules[name]
 
 # Reference outputs are fp32 math; kernels run in the input dtype. Never loosen these per test.
 TOL = {
@@ -36,8 +40,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         bad = ~torch.isclose(actual.float(), expected.float(), atol=atol, rtol=rtol)
     if bad.any():
         first = [(tuple(i), actual[tuple(i)].item(), expected[tuple(i)].item()) for i in bad.nonzero()[:5].tolist()]
-        raise AssertionError(f"{int(bad.sum())}/{bad.numel()} mismatched (atol={atol}, rtol={rtol}); "
-                             f"first (index, actual, expected): {first}")
+        raise AssertionError(
+            f"{int(bad.sum())}/{bad.numel()} mismatched (atol={atol}, rtol={rtol}); "
+            f"first (index, actual, expected): {first}"
+        )
 
 
 def _assert_close_ref(impl, ref, *inputs, dtype: torch.dtype, **kwargs):

@@ -23,8 +23,12 @@ def _expert_weights(num_experts, hidden_size, inter_size, scale_dtype, device):
     """Random INT4 experts: (w13_packed, w13_scale, w2_packed, w2_scale)."""
     q13 = torch.randint(-8, 8, (num_experts, 2 * inter_size, hidden_size), device=device)
     q2 = torch.randint(-8, 8, (num_experts, hidden_size, inter_size), device=device)
-    return (pack_int4(q13), _scales((num_experts, 2 * inter_size, hidden_size // GROUP), hidden_size, scale_dtype, device),
-            pack_int4(q2), _scales((num_experts, hidden_size, inter_size // GROUP), inter_size, scale_dtype, device))
+    return (
+        pack_int4(q13),
+        _scales((num_experts, 2 * inter_size, hidden_size // GROUP), hidden_size, scale_dtype, device),
+        pack_int4(q2),
+        _scales((num_experts, hidden_size, inter_size // GROUP), inter_size, scale_dtype, device),
+    )
 
 
 def _grouped_rows(topk_ids, num_experts, hidden_size, dtype, device):
@@ -36,12 +40,13 @@ def _grouped_rows(topk_ids, num_experts, hidden_size, dtype, device):
 def test_pack_int4_is_lsb_first_offset_binary():
     q = torch.tensor([[-8, -7, 0, 1, 2, 3, 6, 7]])  # nibbles 0,1,8,9,10,11,14,15
     assert pack_int4(q).item() == 0xFEBA9810 - 2**32  # top nibble 15 sets the int32 sign bit
-    torch.testing.assert_close(dequant_int4(pack_int4(q.repeat(1, 4)), torch.tensor([[0.5]])),
-                               0.5 * q.repeat(1, 4).float())
+    torch.testing.assert_close(
+        dequant_int4(pack_int4(q.repeat(1, 4)), torch.tensor([[0.5]])), 0.5 * q.repeat(1, 4).float()
+    )
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 33])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_moe_matches_ref_when_hidden_is_not_a_power_of_two(num_tokens, dtype, device, assert_close_ref):
     num_experts, top_k, hidden_size, inter_size = 8, 2, 160, 96
     weights = _expert_weights(num_experts, hidden_size, inter_size, dtype, device)
@@ -56,6 +61,7 @@ def test_fused_moe_matches_ref_when_first_middle_and_last_experts_are_empty(devi
     weights = _expert_weights(8, 96, 64, torch.float32, device)
     _, x_sorted, offsets, _ = _grouped_rows(topk_ids, 8, 96, torch.float32, device)
     assert offsets.diff()[[0, 3, 7]].tolist() == [0, 0, 0]
+    offsets = offsets.long()  # int64 offsets too, as torch.cumsum returns them
     assert_close_ref(fused_moe_w4a16, fused_moe_w4a16_ref, x_sorted, offsets, *weights, dtype=torch.float32)
 
 

@@ -26,7 +26,7 @@ def test_permute_is_grouped_stable_and_inverse_round_trips(device):
     assert torch.equal(offsets[1:] - offsets[:-1], counts)
     assert bool((experts_in_order[1:] >= experts_in_order[:-1]).all())
     for e in range(16):  # stable: within an expert, pair indices ascend
-        run = sorted_ids[offsets[e]:offsets[e + 1]]
+        run = sorted_ids[offsets[e] : offsets[e + 1]]
         assert bool((run[1:] > run[:-1]).all())
     assert torch.equal(sorted_ids[inverse.long()], torch.arange(33 * 4, device=device, dtype=torch.int32))
 

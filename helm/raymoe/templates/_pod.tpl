@@ -119,7 +119,7 @@ spec:
         {{- if $mountModel }}
         - name: model
           mountPath: {{ $storage.mountPath }}
-          readOnly: {{ and $storage.readOnly (ne $storage.type "objectStorage") }}
+          readOnly: {{ $storage.readOnly }}
         {{- end }}
   volumes:
     # Ray writes sessions and logs under /tmp/ray.

@@ -1,0 +1,152 @@
+"""The engine against the reference: greedy outputs of a mixed batch equal each prompt decoded alone
+by full recompute (`reference_generate`), token for token in fp32 — plain, with chunked prefill
+forced, with preemption forced, and with prefix-cache hits; seeded sampling is batch-independent."""
+
+import random
+
+import pytest
+import torch
+
+from raymoe import LLM, SamplingParams
+from raymoe.model.deepseek import reference_generate
+from raymoe.model.loader import Checkpoint, build_model
+
+MAX_TOKENS = 12
+LENGTHS = [1, 2, 3, 5, 8, 13, 16, 17, 31, 33, 64, 100, 128, 200, 257, 300]
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(1)
+    return [[rng.randrange(0, 1792) for _ in range(n)] for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, prompts) -> list[list[int]]:
+    model = build_model(Checkpoint(tiny_ckpt))
+    return [reference_generate(model, p, MAX_TOKENS) for p in prompts]
+
+
+def _greedy(llm: LLM, prompts: list[list[int]]):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return llm.generate(prompt_token_ids=prompts, sampling_params=params)
+
+
+def _assert_same(outs, reference) -> None:
+    for i, (o, ref) in enumerate(zip(outs, reference)):
+        assert o.outputs[0].token_ids == ref, f"prompt {i} (length {LENGTHS[i]}) diverged"
+
+
+def test_batch_equals_reference(tiny_ckpt, prompts, reference):
+    llm = LLM(model=str(tiny_ckpt), max_num_seqs=16, max_num_batched_tokens=4096)
+    _assert_same(_greedy(llm, prompts), reference)
+
+
+def test_chunked_prefill_equals_reference(tiny_ckpt, prompts, reference):
+    llm = LLM(model=str(tiny_ckpt), max_num_seqs=16, max_num_batched_tokens=48)
+    outs = _greedy(llm, prompts)
+    _assert_same(outs, reference)
+    # 300-token prompt at 48 tokens per step needs ≥ 7 prefill steps: chunking really happened.
+    assert llm.engine.stats.num_steps >= sum(LENGTHS) // 48
+
+
+def test_preemption_equals_reference(tiny_ckpt, prompts, reference):
+    # fp32 latent cache: 40 values × 3 layers × 4 B = 480 B/token; 26 blocks of 16 hold 416 of the
+    # ~1,370 tokens the batch needs, and the longest request alone needs 20 blocks.
+    llm = LLM(model=str(tiny_ckpt), max_num_seqs=16, kv_cache_memory=26 * 16 * 480, block_size=16)
+    outs = _greedy(llm, prompts)
+    _assert_same(outs, reference)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0, "the KV budget was meant to force preemption"
+
+
+def test_prefix_cache_hits_equal_reference(tiny_ckpt, prompts, reference):
+    llm = LLM(model=str(tiny_ckpt), max_num_seqs=16, enable_prefix_caching=True)
+    _assert_same(_greedy(llm, prompts), reference)
+    hits_before = llm.engine.kv.num_hit_tokens
+    outs = _greedy(llm, prompts)  # same prompts again: full blocks come from the cache
+    _assert_same(outs, reference)
+    assert llm.engine.kv.num_hit_tokens - hits_before >= sum(n - 16 for n in LENGTHS if n > 32)
+    assert any(o.metrics.num_cached_tokens > 0 for o in outs)
+
+
+def test_shared_prefix_different_suffixes(tiny_ckpt):
+    rng = random.Random(7)
+    prefix = [rng.randrange(1792) for _ in range(80)]
+    batch = [prefix + [rng.randrange(1792) for _ in range(k)] for k in (1, 5, 16, 40)]
+    model = build_model(Checkpoint(tiny_ckpt))
+    ref = [reference_generate(model, p, MAX_TOKENS) for p in batch]
+    llm = LLM(model=str(tiny_ckpt), enable_prefix_caching=True)
+    first = _greedy(llm, batch[:1])
+    assert first[0].outputs[0].token_ids == ref[0]
+    rest = _greedy(llm, batch[1:])
+    for o, r in zip(rest, ref[1:]):
+        assert o.outputs[0].token_ids == r
+    assert llm.engine.kv.num_hit_tokens >= 3 * 64  # 80-token prefix = 5 full blocks of 16, reused
+
+
+def test_seeded_sampling_is_batch_independent(tiny_ckpt, prompts):
+    llm = LLM(model=str(tiny_ckpt), max_num_seqs=16)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=MAX_TOKENS, ignore_eos=True)
+    alone = llm.generate(prompt_token_ids=[prompts[5]], sampling_params=params)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, ignore_eos=True)
+    mixed = llm.generate(prompt_token_ids=prompts[:8], sampling_params=[others] * 5 + [params] + [others] * 2)
+    assert mixed[5].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert llm.generate(prompt_token_ids=[prompts[5]], sampling_params=other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_kv_bytes_per_token(tiny_ckpt):
+    llm = LLM(model=str(tiny_ckpt), dtype="float32")
+    a = llm.engine.args
+    assert llm.engine.spec.bytes_per_token == (a.kv_lora_rank + a.qk_rope_head_dim) * a.num_hidden_layers * 4
+    cache = llm.engine.runner.kv_cache
+    assert cache.shape[1:] == (llm.engine.spec.num_blocks, llm.engine.spec.block_size, a.kv_cache_size)
+    per_token = cache.element_size() * cache.shape[-1] * cache.shape[0]
+    assert per_token == llm.engine.spec.bytes_per_token
+
+
+def test_stop_strings_and_eos(tiny_ckpt, prompts, reference):
+    llm = LLM(model=str(tiny_ckpt))
+    tok = llm.tokenizer
+    text = tok.decode(reference[4], skip_special_tokens=True)
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("reference continuation has no usable stop string")
+    out = llm.generate(prompt_token_ids=[prompts[4]],
+                       sampling_params=SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop],
+                                                      ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and text.startswith(out.text)
+    eos = reference[4][3]
+    out = llm.generate(prompt_token_ids=[prompts[4]],
+                       sampling_params=SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                      stop_token_ids=[eos]))[0].outputs[0]
+    assert out.token_ids == reference[4][: reference[4].index(eos) + 1] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_bad_sampling_params(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_longer_than_context(tiny_ckpt):
+    llm = LLM(model=str(tiny_ckpt), max_model_len=64)
+    with pytest.raises(ValueError, match="64"):
+        llm.generate(prompt_token_ids=[[1] * 100])
+    assert not llm.engine.has_unfinished()
+
+
+def test_bfloat16_engine_runs(tiny_ckpt, prompts):
+    llm = LLM(model=str(tiny_ckpt), dtype="bfloat16")
+    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    out = _greedy(llm, prompts[:4])
+    assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in out)
