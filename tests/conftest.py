@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET at import: set it before any test module imports raymoe_kernels, so
+# the kernels run on CPU through the interpreter when no GPU is present.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed_torch() -> None:

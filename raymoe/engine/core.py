@@ -33,6 +33,8 @@ class _Stream:
     sent_text: int = 0
     sent_tokens: int = 0
     stop_hold: int = 0  # chars held back while a stop string could still be forming
+    reasoning_tokens: int = 0  # thinking-budget accounting (tokens before </think>)
+    reasoning_closed: bool = False
 
 
 @dataclass
@@ -61,6 +63,7 @@ class EngineCore:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self._think_start, self._think_end, self._reasoning_enders = self._reasoning_token_ids(tokenizer)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -103,6 +106,7 @@ class EngineCore:
         self.stats.batch_sizes.append(len(out.scheduled))
         self.stats.num_prompt_tokens += sum(s.num_new_tokens for s in out.scheduled if not s.request.output_token_ids
                                             or s.start_position < s.request.num_prompt_tokens)
+        self._apply_thinking_budgets(sampled)
         updated = self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
         outputs = []
         for req in updated:
@@ -148,6 +152,41 @@ class EngineCore:
         if best is not None:
             st.text = st.text[: best[0]]
             self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, best[1])
+
+    # -- thinking budget (test-time scaling) ------------------------------------------------------
+    @staticmethod
+    def _reasoning_token_ids(tokenizer: Any | None) -> tuple[int | None, int | None, frozenset[int]]:
+        if tokenizer is None:
+            return None, None, frozenset()
+        vocab = tokenizer.get_vocab()
+        start, end = vocab.get("<think>"), vocab.get("</think>")
+        enders = {vocab[t] for t in ("</think>", "<|tool_calls_section_begin|>", "<|tool_call_section_begin|>",
+                                      "<|tool_call_begin|>") if t in vocab}
+        return start, end, frozenset(enders)
+
+    def _apply_thinking_budgets(self, sampled: dict[str, tuple[int, Any]]) -> None:
+        """Close the reasoning with `</think>` when a request's thinking budget is spent.
+
+        Reasoning tokens are the output tokens before `</think>` (or before a tool-call section,
+        which also ends K2's reasoning), not counting a leading `<think>`. The forced token replaces
+        the sampled one, so the answer follows and `max_tokens` still bounds the whole output.
+        """
+        for rid, (token, lp) in list(sampled.items()):
+            req = self.scheduler.get_request(rid)
+            st = self._streams.get(rid)
+            if req is None or st is None or st.reasoning_closed or req.params.thinking_budget is None:
+                continue
+            if self._think_end is None:
+                raise ValueError("thinking_budget needs a tokenizer with a </think> token")
+            if token in self._reasoning_enders:
+                st.reasoning_closed = True
+            elif token == self._think_start and not req.output_token_ids:
+                pass  # the opener is not reasoning
+            elif st.reasoning_tokens >= req.params.thinking_budget:
+                sampled[rid] = (self._think_end, None)
+                st.reasoning_closed = True
+            else:
+                st.reasoning_tokens += 1
 
     # -- helpers ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

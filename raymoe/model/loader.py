@@ -34,9 +34,9 @@ class Checkpoint:
         if not self.path.is_dir():
             raise ValueError(f"checkpoint folder {str(path)!r} does not exist")
         self.args = ModelArgs.from_pretrained(self.path)
-        self.weight_map = self._weight_map()
         self.read_names: set[str] = set()
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, object] = {}  # before _weight_map: without an index it opens the files
+        self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE

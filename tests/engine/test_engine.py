@@ -150,3 +150,23 @@ def test_bfloat16_engine_runs(tiny_ckpt, prompts):
     assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
     out = _greedy(llm, prompts[:4])
     assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in out)
+
+
+@pytest.mark.parametrize("budget", [0, 3, 7])
+def test_thinking_budget_closes_reasoning(tiny_ckpt, prompts, budget):
+    llm = LLM(model=str(tiny_ckpt))
+    vocab = llm.tokenizer.get_vocab()
+    think_end, think_start = vocab["</think>"], vocab["<think>"]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=budget + 6, ignore_eos=True, thinking_budget=budget)
+    out = llm.generate(prompt_token_ids=prompts[3:6], sampling_params=params)
+    for o in out:
+        ids = o.outputs[0].token_ids
+        assert think_end in ids, "the budget must close the reasoning"
+        reasoning = ids[: ids.index(think_end)]
+        if reasoning and reasoning[0] == think_start:
+            reasoning = reasoning[1:]
+        assert len(reasoning) <= budget
+        assert len(ids) == budget + 6 and ids.index(think_end) < len(ids) - 1, "the answer follows </think>"
+    free = llm.generate(prompt_token_ids=prompts[3:4], sampling_params=SamplingParams(
+        temperature=1.0, seed=3, max_tokens=budget + 6, ignore_eos=True))[0].outputs[0].token_ids
+    assert free[:budget] == out[0].outputs[0].token_ids[:budget], "tokens before the budget are untouched"

@@ -95,7 +95,7 @@ class _ExpertShard(nn.Module):
         for i in _moe_layers(args):
             layer = nn.Module()
             layer.mlp = nn.Module()
-            layer.mlp.experts = RoutedExperts(args, expert_ids, quantized=quantized)
+            layer.mlp.experts = RoutedExperts(args, expert_ids, quantized=quantized, dtype=torch.float32)
             self.model.layers[str(i)] = layer
 
 
