@@ -18,10 +18,13 @@ import torch
 from safetensors.torch import save_file
 
 from raymoe.model.args import K2_QUANT_IGNORE, ModelArgs, QuantArgs, get_preset
+from raymoe.model.inspect import model_stats
 from raymoe.model.loader import INDEX_FILE
 
 # Bump when make_tiny output changes, so cached checkpoints are rebuilt.
 TINY_FORMAT_VERSION = 1
+# Random init happens in fp32 on the host: 1 G parameters is 4 GiB. The planning presets are 671 B / 1.03 T.
+MAX_RANDOM_PARAMS = 1 << 30
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
@@ -88,8 +91,9 @@ def make_tiny(out_dir: str | Path, *, preset: str = "tiny", seed: int = 0, quant
     if quant not in (None, "none", "int4"):
         raise ValueError(f"quant {quant!r} is not supported (supported: none, int4)")
     args = get_preset(preset)
-    if args.vocab_size > 1 << 20:
-        raise ValueError(f"preset {preset!r} is a planning preset (vocab {args.vocab_size}); "
+    num_params = model_stats(args).total_params
+    if num_params > MAX_RANDOM_PARAMS:  # not vocab size: K2's 163840 passed that test and exhausted host RAM
+        raise ValueError(f"preset {preset!r} is a planning preset ({num_params / 1e9:.0f} B parameters); "
                          "use a tiny preset for weights")
     if quant == "int4":
         args = args.replace(quantization=QuantArgs(ignore=K2_QUANT_IGNORE))

@@ -41,6 +41,9 @@ K2_CONFIG = {
 }
 
 
+_DROP = object()  # k2(field=_DROP) removes the field
+
+
 def k2(**changes) -> dict:
     cfg = copy.deepcopy(K2_CONFIG)
     for key, value in changes.items():
@@ -50,8 +53,6 @@ def k2(**changes) -> dict:
             cfg[key] = value
     return cfg
 
-
-_DROP = object()
 
 
 def _raises_naming(cfg: dict, *needles: str) -> str:

@@ -18,20 +18,19 @@ from raymoe.model.args import ModelArgs
 from raymoe.model.deepseek import reference_generate
 from raymoe.model.loader import INDEX_FILE, Checkpoint, build_model, expected_names, expert_names, load_weights
 from raymoe.model.moe import RoutedExperts
-from raymoe.model.tiny import make_tiny
 from raymoe.quant.int4 import Int4Linear, dequantize_int4
 
 PROMPTS = [[1792, 40, 41, 42], [300, 301], [7, 8, 9, 10, 11, 12, 13]]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("loader") / "tiny", preset="tiny", seed=0)
+def tiny(tiny_ckpt) -> Path:
+    return tiny_ckpt  # session-wide (tests/conftest.py); tests that damage a checkpoint copy it first
 
 
 @pytest.fixture(scope="module")
-def tiny_int4(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("loader") / "tiny-int4", preset="tiny", seed=0, quant="int4")
+def tiny_int4(tiny_int4_ckpt) -> Path:
+    return tiny_int4_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(d.glob("model-*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+            out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
 
 
@@ -98,6 +98,9 @@ def test_int4_checkpoint_carries_k2_quantization_config_and_triples(tiny_int4):
 
 
 def test_tokenizer_loads_with_k2_control_tokens(tiny):
+    # transformers 5 AutoTokenizer opens config.json first, and `model_type: kimi_k2` needs the alias (as K2 itself
+    # needs trust_remote_code); the engine registers it the same way before loading a tokenizer.
+    register_kimi_k2()
     cfg = _config(tiny)
     tok = AutoTokenizer.from_pretrained(str(tiny))
     assert len(tok) == cfg["vocab_size"]
@@ -138,8 +141,9 @@ def test_same_seed_gives_byte_identical_folders_and_another_seed_other_weights(r
 def test_unknown_quant_and_planning_presets_are_refused(root):
     with pytest.raises(ValueError, match="quant 'fp8'"):
         make_tiny(root / "x", quant="fp8")
-    with pytest.raises(ValueError, match="planning preset"):
-        make_tiny(root / "y", preset="kimi-k2-thinking")
+    for planning in ("kimi-k2-thinking", "deepseek-v3"):  # 1 T / 671 B parameters: refused before any allocation
+        with pytest.raises(ValueError, match=f"preset '{planning}' is a planning preset"):
+            make_tiny(root / "y", preset=planning)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         make_tiny(root / "z", preset="nope")
 
