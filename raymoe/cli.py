@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     b.set_defaults(func=_cmd_bench)
 
+    sub.add_parser("loadtest", help="locust load test against raymoe serve (see `raymoe loadtest --help`)",
+                   add_help=False)
+
     st = sub.add_parser("status", help="Serve applications, replicas and expert shards of a running cluster")
     st.add_argument("--address", default="auto")
     st.set_defaults(func=_cmd_status)
@@ -95,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "loadtest":  # its own flag set; runs locust in a subprocess
+        from raymoe.loadtest import loadtest_main
+
+        return loadtest_main(args[1:])
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(args)
     try:
         return int(ns.func(ns) or 0)
     except ValueError as e:
