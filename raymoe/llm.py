@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from raymoe.config import RayMoEConfig
-from raymoe.engine.request import CompletionOutput, RequestOutput, SamplingParams
+from raymoe.engine.request import RequestOutput, SamplingParams, merge_outputs
 
 _MODEL_KEYS = {"dtype", "int4_mode", "seed", "served_model_name"}
 _PARALLEL_KEYS = {"num_expert_shards", "transport", "num_redundant_experts", "expert_group", "address",
@@ -74,7 +74,7 @@ class LLM:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     prev = acc.get(out.request_id)
-                    acc[out.request_id] = out if prev is None else _merge(prev, out)
+                    acc[out.request_id] = out if prev is None else merge_outputs(prev, out)
         except BaseException:
             for rid in ids:
                 self.engine.abort(rid)
@@ -91,12 +91,3 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _merge(prev: RequestOutput, new: RequestOutput) -> RequestOutput:
-    a, b = prev.outputs[0], new.outputs[0]
-    logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
-    merged = CompletionOutput(index=0, text=a.text + b.text, token_ids=a.token_ids + b.token_ids,
-                              logprobs=logprobs, finish_reason=b.finish_reason, stop_reason=b.stop_reason)
-    return RequestOutput(request_id=new.request_id, prompt_token_ids=new.prompt_token_ids, outputs=[merged],
-                         finished=new.finished, metrics=new.metrics)

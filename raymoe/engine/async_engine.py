@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymoe.engine.core import EngineCore
-from raymoe.engine.request import RequestOutput, SamplingParams
+from raymoe.engine.request import RequestOutput, SamplingParams, merge_outputs
 
 
 class EngineDeadError(RuntimeError):
@@ -72,6 +72,11 @@ class AsyncEngine:
             await asyncio.wrap_future(fut)  # raises the scheduler's ValueError (too long, bad ids…)
             while True:
                 item = await sink.queue.get()
+                # Coalesce whatever else is already queued: when the consumer (a Serve stream, one Ray
+                # object per item) is slower than the engine, it gets fewer, larger deltas.
+                while not isinstance(item, BaseException) and not item.finished and not sink.queue.empty():
+                    nxt = sink.queue.get_nowait()
+                    item = nxt if isinstance(nxt, BaseException) else merge_outputs(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

@@ -30,6 +30,8 @@ class _Stream:
     """Per-request detokenization state."""
 
     text: str = ""
+    prefix_offset: int = 0  # incremental detokenization window over output ids
+    read_offset: int = 0
     sent_text: int = 0
     sent_tokens: int = 0
     stop_hold: int = 0  # chars held back while a stop string could still be forming
@@ -124,15 +126,13 @@ class EngineCore:
         if st is None:
             return None
         if self.tokenizer is not None:
-            st.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=req.params.skip_special_tokens)
+            self._detokenize(req, st)
             if req.params.stop and not req.is_finished:
                 self._check_stop_strings(req, st)
         finished = req.is_finished
         end = len(st.text)
         if not finished:
             end -= st.stop_hold
-            while end > st.sent_text and st.text[end - 1] == "\ufffd":  # incomplete UTF-8 sequence
-                end -= 1
         end = max(end, st.sent_text)
         delta_text = st.text[st.sent_text:end]
         st.sent_text = end
@@ -141,6 +141,20 @@ class EngineCore:
         if finished:
             self._streams.pop(req.request_id, None)
         return o
+
+    def _detokenize(self, req: Request, st: _Stream) -> None:
+        """Append the text of new output tokens, decoding only a small window of ids per step.
+
+        Byte-level BPE can split a character over tokens, so the window starts a few tokens back
+        (`prefix_offset`) and new text is released only once it no longer ends in U+FFFD.
+        """
+        ids = req.output_token_ids
+        skip = req.params.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[st.prefix_offset:st.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(ids[st.prefix_offset:], skip_special_tokens=skip)
+        if len(full) > len(prefix) and (not full.endswith("\ufffd") or req.is_finished):
+            st.text += full[len(prefix):]
+            st.prefix_offset, st.read_offset = st.read_offset, len(ids)
 
     def _check_stop_strings(self, req: Request, st: _Stream) -> None:
         search_from = max(0, st.sent_text - st.stop_hold)
@@ -171,7 +185,7 @@ class EngineCore:
         which also ends K2's reasoning), not counting a leading `<think>`. The forced token replaces
         the sampled one, so the answer follows and `max_tokens` still bounds the whole output.
         """
-        for rid, (token, lp) in list(sampled.items()):
+        for rid, (token, _lp) in list(sampled.items()):
             req = self.scheduler.get_request(rid)
             st = self._streams.get(rid)
             if req is None or st is None or st.reasoning_closed or req.params.thinking_budget is None:

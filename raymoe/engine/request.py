@@ -244,6 +244,7 @@ def make_request_output(request: Request, text: str = "", start: int = 0) -> Req
             output carries only the delta (keeps a long stream O(n), not O(n^2)).
     """
     times = request.token_times
+    lo = max(start - 1, 0)
     completion = CompletionOutput(
         index=0,
         text=text,
@@ -261,7 +262,7 @@ def make_request_output(request: Request, text: str = "", start: int = 0) -> Req
         finished_time=request.finished_time,
         queue_time=None if request.first_scheduled_time is None else request.first_scheduled_time - arrival,
         first_token_latency=None if request.first_token_time is None else request.first_token_time - arrival,
-        inter_token_latencies=[b - a for a, b in zip(times, times[1:])],
+        inter_token_latencies=[b - a for a, b in zip(times[lo:], times[lo + 1:])],  # this delta's gaps only
         num_cached_tokens=request.num_cached_tokens,
         num_preemptions=request.num_preemptions,
     )
@@ -272,3 +273,21 @@ def make_request_output(request: Request, text: str = "", start: int = 0) -> Req
         finished=request.is_finished,
         metrics=metrics,
     )
+
+
+def merge_outputs(prev: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """Concatenate two consecutive delta outputs of one request (text, tokens, logprobs, latencies)."""
+    a, b = prev.outputs[0], new.outputs[0]
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    merged = CompletionOutput(index=a.index, text=a.text + b.text, token_ids=a.token_ids + b.token_ids,
+                              logprobs=logprobs, finish_reason=b.finish_reason, stop_reason=b.stop_reason)
+    m = new.metrics
+    metrics = RequestMetrics(
+        arrival_time=m.arrival_time, first_scheduled_time=m.first_scheduled_time,
+        first_token_time=m.first_token_time, last_token_time=m.last_token_time, finished_time=m.finished_time,
+        queue_time=m.queue_time, first_token_latency=m.first_token_latency,
+        inter_token_latencies=prev.metrics.inter_token_latencies + m.inter_token_latencies,
+        num_cached_tokens=m.num_cached_tokens, num_preemptions=m.num_preemptions,
+    )
+    return RequestOutput(request_id=new.request_id, prompt_token_ids=new.prompt_token_ids, outputs=[merged],
+                         finished=new.finished, metrics=metrics)
