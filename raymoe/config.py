@@ -101,6 +101,13 @@ class DeploymentConfig(_Node):
     max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests per replica before queueing.")
     max_queued_requests: int = Field(256, ge=-1, description="Queued requests before 503 (-1: unbounded).")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+    backpressure_status_code: Literal[429, 503] = Field(
+        503, description="HTTP status when max_queued_requests is exceeded (Serve allows 503 or 429).")
+    retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After seconds sent with 429/503 answers.")
+    health_check_period_s: float = Field(10.0, gt=0, description="How often Serve calls the replica's check_health.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="check_health slower than this fails the replica.")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="Time a stopping replica gets to finish its requests before it is killed.")
 
 
 class LimitsConfig(_Node):
@@ -109,6 +116,12 @@ class LimitsConfig(_Node):
     max_tokens: int = Field(32768, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none.")
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens ({self.max_tokens})")
+        return self
 
 
 class ServeConfig(_Node):
@@ -122,6 +135,10 @@ class ServeConfig(_Node):
     attention: DeploymentConfig = Field(default_factory=DeploymentConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     default_temperature: float = Field(1.0, ge=0, description="Temperature when a request gives none (K2: 1.0).")
+    public_paths: list[str] = Field(
+        default_factory=lambda: ["/health"], description="Routes answered without an API key (e.g. probes).")
+    max_resubmits: int = Field(
+        3, ge=0, le=100, description="Times the ingress re-submits a request whose AttentionTier replica died.")
 
 
 class RayMoEConfig(_Node):
