@@ -21,11 +21,13 @@ from raymoe.model.mla import MLA
 
 
 @dataclass(slots=True)
-class PrefillSeq:
-    token_start: int  # first of this sequence's tokens in the flat batch
-    token_end: int
-    context_slots: torch.Tensor  # [S] flat cache slots of the whole context (cached + new)
-    mask: torch.Tensor  # [Tq, S] bool, causal
+class PrefillBatch:
+    """The multi-token (prefill / chunked-prefill) sequences of a step, padded into one batch."""
+
+    token_idx: torch.Tensor  # [Bp, Q] positions in the flat batch (padding: 0)
+    token_valid: torch.Tensor  # [Bp, Q] bool
+    context_slots: torch.Tensor  # [Bp, S] cache slots of each sequence's whole context (padding: 0)
+    mask: torch.Tensor  # [Bp, Q, S] bool: causal within the sequence, False on padding
 
 
 @dataclass(slots=True)
@@ -36,8 +38,15 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor  # [Bd] positions in the flat batch of decode tokens
     decode_slots: torch.Tensor  # [Bd, L] context slots, padded with 0
     decode_mask: torch.Tensor  # [Bd, L] True where a real context token
-    prefills: list[PrefillSeq]
+    prefill: PrefillBatch | None
     num_tokens: int
+    all_decode: bool  # every token is a decode token, in flat order (skip the gather/scatter)
+
+
+def _slots(table: list[int], length: int, block_size: int) -> torch.Tensor:
+    blocks = torch.tensor(table, dtype=torch.long)
+    pos = torch.arange(length)
+    return blocks[pos // block_size] * block_size + pos % block_size
 
 
 def build_metadata(
@@ -53,24 +62,18 @@ def build_metadata(
     dec_idx: list[int] = []
     dec_tables: list[list[int]] = []
     dec_lens: list[int] = []
-    prefills: list[PrefillSeq] = []
+    pre: list[tuple[int, int, int, list[int]]] = []  # (flat start, query len, context len, table)
     start = 0
     for qlen, ctx, table in zip(query_lens, context_lens, block_tables):
         total = ctx + qlen
         assert len(table) * block_size >= total, "block table too short for the sequence"
-        new_slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx, total)]
-        slot_mapping += new_slots
+        slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(ctx, total)]
         if qlen == 1:
             dec_idx.append(start)
             dec_tables.append(table)
             dec_lens.append(total)
         else:
-            blocks = torch.tensor(table, dtype=torch.long)
-            pos = torch.arange(total)
-            slots = blocks[pos // block_size] * block_size + pos % block_size
-            q_pos = torch.arange(ctx, total).unsqueeze(1)
-            mask = pos.unsqueeze(0) <= q_pos  # [Tq, S]
-            prefills.append(PrefillSeq(start, start + qlen, slots.to(device), mask.to(device)))
+            pre.append((start, qlen, ctx, table))
         start += qlen
     if dec_idx:
         max_len = max(dec_lens)
@@ -84,13 +87,30 @@ def build_metadata(
     else:
         dec_slots = torch.zeros(0, 0, dtype=torch.long)
         dec_mask = torch.zeros(0, 0, dtype=torch.bool)
+    prefill = None
+    if pre:
+        q_max = max(q for _, q, _, _ in pre)
+        s_max = max(q + c for _, q, c, _ in pre)
+        token_idx = torch.zeros(len(pre), q_max, dtype=torch.long)
+        token_valid = torch.zeros(len(pre), q_max, dtype=torch.bool)
+        ctx_slots = torch.zeros(len(pre), s_max, dtype=torch.long)
+        mask = torch.zeros(len(pre), q_max, s_max, dtype=torch.bool)
+        s_pos = torch.arange(s_max)
+        for b, (st, q, c, table) in enumerate(pre):
+            token_idx[b, :q] = torch.arange(st, st + q)
+            token_valid[b, :q] = True
+            ctx_slots[b, : q + c] = _slots(table, q + c, block_size)
+            q_pos = torch.arange(c, c + q).unsqueeze(1)  # [q, 1]
+            mask[b, :q] = (s_pos.unsqueeze(0) <= q_pos)  # causal; keys past q+c-1 are excluded too
+        prefill = PrefillBatch(token_idx.to(device), token_valid.to(device), ctx_slots.to(device), mask.to(device))
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=device),
         decode_slots=dec_slots.to(device),
         decode_mask=dec_mask.to(device),
-        prefills=prefills,
+        prefill=prefill,
         num_tokens=start,
+        all_decode=not pre,
     )
 
 
@@ -113,18 +133,31 @@ class PagedMLAAttention:
         cache = self.kv_cache[mla.layer_id].view(-1, self.kv_cache.shape[-1])  # [slots, C+R]
         cache.index_copy_(0, md.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype))
         q_lat = mla.absorb_q(q_nope)  # [T, H, C]
-        o_lat = q_lat.new_empty(q_lat.shape)
         scale = mla.softmax_scale
+        if md.all_decode:  # decode-only step: tokens are already in sequence order
+            return mla.unabsorb(self._decode(q_lat, q_pe, cache, md, scale))
+        o_lat = q_lat.new_zeros(q_lat.shape)
         if md.decode_token_idx.numel():
             idx = md.decode_token_idx
-            kv = cache[md.decode_slots]  # [Bd, L, C+R]
-            kv_c, kv_r = kv[..., :C], kv[..., C:]
-            scores = torch.einsum("bhc,blc->bhl", q_lat[idx], kv_c) + torch.einsum("bhr,blr->bhl", q_pe[idx], kv_r)
-            scores = (scores.float() * scale).masked_fill(~md.decode_mask.unsqueeze(1), float("-inf"))
-            p = torch.softmax(scores, dim=-1).to(kv_c.dtype)
-            o_lat[idx] = torch.einsum("bhl,blc->bhc", p, kv_c)
-        for ps in md.prefills:
-            kv = cache[ps.context_slots]  # [S, C+R]
-            sl = slice(ps.token_start, ps.token_end)
-            o_lat[sl] = mla.attend_latent(q_lat[sl], q_pe[sl], kv[:, :C], kv[:, C:], ps.mask)
+            o_lat[idx] = self._decode(q_lat[idx], q_pe[idx], cache, md, scale)
+        if md.prefill is not None:
+            pb = md.prefill
+            kv = cache[pb.context_slots]  # [Bp, S, C+R]
+            q_l, q_r = q_lat[pb.token_idx], q_pe[pb.token_idx]  # [Bp, Q, H, C|R]
+            scores = torch.einsum("bqhc,bsc->bqhs", q_l, kv[..., :C]) + torch.einsum("bqhr,bsr->bqhs", q_r, kv[..., C:])
+            scores = (scores.float() * scale).masked_fill(~pb.mask.unsqueeze(2), float("-inf"))
+            p = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(kv.dtype)  # padded query rows: all -inf
+            o = torch.einsum("bqhs,bsc->bqhc", p, kv[..., :C])  # [Bp, Q, H, C]
+            o_lat[pb.token_idx[pb.token_valid]] = o[pb.token_valid]
         return mla.unabsorb(o_lat)
+
+    def _decode(self, q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, md: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """One query per sequence against its padded context: [Bd, H, C] -> [Bd, H, C]."""
+        C = self.kv_lora_rank
+        kv = cache[md.decode_slots]  # [Bd, L, C+R]
+        kv_c, kv_r = kv[..., :C], kv[..., C:]
+        scores = torch.einsum("bhc,blc->bhl", q_lat, kv_c) + torch.einsum("bhr,blr->bhl", q_pe, kv_r)
+        scores = (scores.float() * scale).masked_fill(~md.decode_mask.unsqueeze(1), float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(kv_c.dtype)
+        return torch.einsum("bhl,blc->bhc", p, kv_c)
