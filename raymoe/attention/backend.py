@@ -38,6 +38,8 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor  # [Bd] positions in the flat batch of decode tokens
     decode_slots: torch.Tensor  # [Bd, L] context slots, padded with 0
     decode_mask: torch.Tensor  # [Bd, L] True where a real context token
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32 (for the Triton decode kernel)
+    decode_seq_lens: torch.Tensor  # [Bd] int32
     prefill: PrefillBatch | None
     num_tokens: int
     all_decode: bool  # every token is a decode token, in flat order (skip the gather/scatter)
@@ -85,6 +87,7 @@ def build_metadata(
         dec_mask = pos.unsqueeze(0) < torch.tensor(dec_lens).unsqueeze(1)
         dec_slots = torch.where(dec_mask, dec_slots, torch.zeros_like(dec_slots))
     else:
+        tables = torch.zeros(0, 0, dtype=torch.long)
         dec_slots = torch.zeros(0, 0, dtype=torch.long)
         dec_mask = torch.zeros(0, 0, dtype=torch.bool)
     prefill = None
@@ -108,6 +111,8 @@ def build_metadata(
         decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=device),
         decode_slots=dec_slots.to(device),
         decode_mask=dec_mask.to(device),
+        decode_block_tables=tables.to(device=device, dtype=torch.int32),
+        decode_seq_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
         prefill=prefill,
         num_tokens=start,
         all_decode=not pre,
@@ -120,9 +125,10 @@ class PagedMLAAttention:
     `kv_cache` is `[num_layers, num_blocks, block_size, C + R]`; `metadata` is set before each step.
     """
 
-    def __init__(self, kv_cache: torch.Tensor, kv_lora_rank: int):
+    def __init__(self, kv_cache: torch.Tensor, kv_lora_rank: int, *, use_triton: bool = False):
         self.kv_cache = kv_cache
         self.kv_lora_rank = kv_lora_rank
+        self.use_triton = use_triton  # decode through raymoe_kernels.mla_decode (CUDA, or CPU interpreter)
         self.metadata: AttentionMetadata | None = None
 
     def __call__(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
@@ -135,11 +141,11 @@ class PagedMLAAttention:
         q_lat = mla.absorb_q(q_nope)  # [T, H, C]
         scale = mla.softmax_scale
         if md.all_decode:  # decode-only step: tokens are already in sequence order
-            return mla.unabsorb(self._decode(q_lat, q_pe, cache, md, scale))
+            return mla.unabsorb(self._decode(q_lat, q_pe, mla.layer_id, md, scale))
         o_lat = q_lat.new_zeros(q_lat.shape)
         if md.decode_token_idx.numel():
             idx = md.decode_token_idx
-            o_lat[idx] = self._decode(q_lat[idx], q_pe[idx], cache, md, scale)
+            o_lat[idx] = self._decode(q_lat[idx], q_pe[idx], mla.layer_id, md, scale)
         if md.prefill is not None:
             pb = md.prefill
             kv = cache[pb.context_slots]  # [Bp, S, C+R]
@@ -151,10 +157,16 @@ class PagedMLAAttention:
             o_lat[pb.token_idx[pb.token_valid]] = o[pb.token_valid]
         return mla.unabsorb(o_lat)
 
-    def _decode(self, q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, md: AttentionMetadata,
+    def _decode(self, q_lat: torch.Tensor, q_pe: torch.Tensor, layer_id: int, md: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         """One query per sequence against its padded context: [Bd, H, C] -> [Bd, H, C]."""
+        if self.use_triton:
+            from raymoe_kernels import mla_decode
+
+            return mla_decode(q_lat, q_pe, self.kv_cache[layer_id], md.decode_block_tables, md.decode_seq_lens,
+                              scale)
         C = self.kv_lora_rank
+        cache = self.kv_cache[layer_id].view(-1, self.kv_cache.shape[-1])
         kv = cache[md.decode_slots]  # [Bd, L, C+R]
         kv_c, kv_r = kv[..., :C], kv[..., C:]
         scores = torch.einsum("bhc,blc->bhl", q_lat, kv_c) + torch.einsum("bhr,blr->bhl", q_pe, kv_r)

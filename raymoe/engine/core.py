@@ -60,7 +60,7 @@ class EngineCore:
         self.spec: KVCacheSpec = kv_cache_spec(args, ecfg, dtype)
         self.kv = KVCacheManager(self.spec.num_blocks, self.spec.block_size, ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(ecfg, self.kv, self.max_model_len)
-        self.runner = ModelRunner(model, args, self.spec, device)
+        self.runner = ModelRunner(model, args, self.spec, device, kernels_backend=config.kernels.backend)
         self.eos_token_id = args.eos_token_id
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()

@@ -40,9 +40,27 @@ def kv_cache_spec(args: ModelArgs, cfg: EngineConfig, dtype: torch.dtype) -> KVC
     return KVCacheSpec(num_blocks=num_blocks, block_size=cfg.block_size, bytes_per_token=per_token)
 
 
+def resolve_kernels_backend(backend: str, device: torch.device) -> str:
+    """`auto`: Triton kernels on CUDA when Triton is installed, torch references otherwise.
+
+    `triton` on a CPU device runs the kernels through Triton's interpreter (TRITON_INTERPRET=1), which
+    is how the CPU test suite checks the engine's kernel path end to end.
+    """
+    if backend == "torch":
+        return "torch"
+    from raymoe_kernels import is_available
+
+    available = is_available()
+    if backend == "triton":
+        if not available:
+            raise ValueError("kernels.backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+        return "triton"
+    return "triton" if available and device.type == "cuda" else "torch"
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, args: ModelArgs, spec: KVCacheSpec,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", *, kernels_backend: str = "auto"):
         self.model = model
         self.args = args
         self.spec = spec
@@ -50,7 +68,8 @@ class ModelRunner:
         dtype = next(model.parameters()).dtype
         self.kv_cache = torch.zeros(args.num_hidden_layers, spec.num_blocks, spec.block_size, args.kv_cache_size,
                                     dtype=dtype, device=self.device)
-        self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank)
+        self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank,
+                                      use_triton=resolve_kernels_backend(kernels_backend, self.device) == "triton")
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
 
