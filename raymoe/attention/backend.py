@@ -38,6 +38,7 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor  # [Bd] positions in the flat batch of decode tokens
     decode_slots: torch.Tensor  # [Bd, L] context slots, padded with 0
     decode_mask: torch.Tensor  # [Bd, L] True where a real context token
+    decode_bias: torch.Tensor  # [Bd, 1, L] fp32: 0 on real context, -inf on padding (added to scores)
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32 (for the Triton decode kernel)
     decode_seq_lens: torch.Tensor  # [Bd] int32
     prefill: PrefillBatch | None
@@ -111,6 +112,8 @@ def build_metadata(
         decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=device),
         decode_slots=dec_slots.to(device),
         decode_mask=dec_mask.to(device),
+        decode_bias=torch.zeros(dec_mask.shape, dtype=torch.float32).masked_fill_(~dec_mask, float("-inf"))
+        .unsqueeze(1).to(device),
         decode_block_tables=tables.to(device=device, dtype=torch.int32),
         decode_seq_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
         prefill=prefill,
@@ -170,6 +173,6 @@ class PagedMLAAttention:
         kv = cache[md.decode_slots]  # [Bd, L, C+R]
         kv_c, kv_r = kv[..., :C], kv[..., C:]
         scores = torch.einsum("bhc,blc->bhl", q_lat, kv_c) + torch.einsum("bhr,blr->bhl", q_pe, kv_r)
-        scores = (scores.float() * scale).masked_fill(~md.decode_mask.unsqueeze(1), float("-inf"))
-        p = torch.softmax(scores, dim=-1).to(kv_c.dtype)
+        # additive mask built once per step: cheaper than a masked_fill per layer
+        p = torch.softmax(scores.float().mul_(scale).add_(md.decode_bias), dim=-1).to(kv_c.dtype)
         return torch.einsum("bhl,blc->bhc", p, kv_c)
