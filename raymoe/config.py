@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raymoe.heavy.config import ContextConfig, HeavyConfig, ReasoningConfig, ToolValidationConfig
+
 
 class _Node(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -59,6 +61,9 @@ class ParallelConfig(_Node):
     max_restarts: int = Field(3, ge=-1, description="Ray max_restarts of each shard actor (-1 = infinite).")
     recovery_timeout_s: float = Field(60.0, gt=0, description="How long a step waits for a dead shard to return.")
     address: str | None = Field(None, description="Ray address to join (default: RAY_ADDRESS or a local Ray).")
+    per_expert_metrics: bool = Field(
+        False, description="Export tokens per (MoE layer, expert) to Prometheus: layers x experts series "
+        "(61 x 384 for K2), so off by default; per-shard load and imbalance are always exported.")
 
     @model_validator(mode="after")
     def _transport_needs_shards(self) -> ParallelConfig:
@@ -139,6 +144,13 @@ class ServeConfig(_Node):
         default_factory=lambda: ["/health"], description="Routes answered without an API key (e.g. probes).")
     max_resubmits: int = Field(
         3, ge=0, le=100, description="Times the ingress re-submits a request whose AttentionTier replica died.")
+    heavy: HeavyConfig = Field(default_factory=HeavyConfig, description="Heavy Mode (parallel trajectories).")
+    reasoning: ReasoningConfig = Field(
+        default_factory=ReasoningConfig, description="Thinking-token budgets (reasoning_effort, thinking_budget).")
+    tool_validation: ToolValidationConfig = Field(
+        default_factory=ToolValidationConfig, description="Checks of generated tool calls against the request.")
+    context: ContextConfig = Field(
+        default_factory=ContextConfig, description="What to do with a chat prompt over the prompt limit.")
 
 
 class RayMoEConfig(_Node):

@@ -38,6 +38,8 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "raymoe_heavy_trajectories_total": ("counter", "Heavy Mode trajectories by replica", ("replica",), None),
     "raymoe_heavy_aggregation_seconds": ("histogram", "Heavy Mode aggregation time", ("aggregate",),
                                          AGG_BUCKETS),
+    "raymoe_resubmissions_total": ("counter", "Requests re-submitted after their AttentionTier replica died", (),
+                                   None),
     # attention tier (one engine per replica)
     "raymoe_num_requests_running": ("gauge", "Sequences in the running batch", ("replica",), None),
     "raymoe_num_requests_waiting": ("gauge", "Sequences waiting for admission", ("replica",), None),
@@ -52,15 +54,15 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "raymoe_tokens_per_second": ("gauge", "Generated tokens per second (engine)", ("replica",), None),
     "raymoe_engine_step_seconds": ("histogram", "Engine step duration", ("replica",), STEP_BUCKETS),
     # expert tier
-    "raymoe_dispatch_latency_seconds": ("histogram", "Dispatch+combine latency per MoE layer and shard",
-                                        ("shard",), DISPATCH_BUCKETS),
+    "raymoe_dispatch_latency_seconds": ("histogram", "Dispatch+combine latency of sampled MoE layers, per shard "
+                                        "that took part", ("shard",), DISPATCH_BUCKETS),
     "raymoe_shard_tokens_total": ("counter", "Tokens received per shard per layer group",
                                   ("shard", "layer_group"), None),
     "raymoe_expert_load_imbalance": ("gauge", "Max/mean tokens over shards (1.0 = balanced)", ("engine",), None),
     "raymoe_expert_tokens_total": ("counter", "Tokens per expert (only when per-expert metrics are enabled)",
                                    ("layer", "expert"), None),
     "raymoe_shard_restarts_total": ("counter", "Expert-shard restarts observed by an engine", ("shard",), None),
-    "raymoe_step_retries_total": ("counter", "Engine steps re-run after a shard failure", (), None),
+    "raymoe_step_retries_total": ("counter", "MoE layers re-run within a step after a shard failure", (), None),
 }
 
 _lock = threading.Lock()

@@ -2,7 +2,8 @@
 
     ErrorResponse value -> error_json() -> status + {"error": {"message", "type", "param", "code"}}
     FastAPI RequestValidationError -> 400 (not 422), unknown route -> 404, uncaught exception -> 500
-    Gate (pure ASGI, before routing): API key -> 401, body over the limit -> 413, request metrics
+    Gate (pure ASGI, before routing): API key -> 401, body over the limit -> 413, request counts
+    every error answer -> raymoe_request_errors_total{type}
 
 Part of the ingress: only `ingress.py` imports it, so status codes are still decided in one layer.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hmac
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,13 +22,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.config import ServeConfig
+from raymoe.observability import metrics
 from raymoe.serve.protocol import ErrorResponse, bad_request, internal_error
 
 if TYPE_CHECKING:
     from raymoe.serve.ingress import OpenAiIngress
 
 
+def record_error(err: ErrorResponse) -> None:
+    metrics.inc("raymoe_request_errors_total", type=err.type)
+
+
 def error_json(err: ErrorResponse) -> JSONResponse:
+    record_error(err)
     headers = {}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(max(0, math.ceil(err.retry_after_s)))
@@ -89,7 +95,7 @@ def resolve_api_keys(config: ServeConfig, environ: Mapping[str, str] = os.enviro
 
 
 class Gate:
-    """Pure-ASGI front of the app: API keys (401), body size (413), and per-request metrics.
+    """Pure-ASGI front of the app: API keys (401), body size (413), and request counts by route and status.
 
     Runs before routing and before FastAPI reads the body, so an oversized or unauthenticated body
     is never parsed. The body is read here (bounded) and replayed to the app.
@@ -104,7 +110,7 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cfg, metrics = self.ingress.config, self.ingress.metrics
+        cfg = self.ingress.config
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
@@ -117,7 +123,6 @@ class Gate:
                 status[0] = message["status"]
             await send(message)
 
-        start = time.perf_counter()
         try:
             if self.ingress.api_keys and path not in cfg.public_paths and not self._authorized(scope):
                 err = ErrorResponse("missing or invalid API key (send 'Authorization: Bearer <key>')",
@@ -134,8 +139,7 @@ class Gate:
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_status)
         finally:
-            metrics.requests.labels(route, scope["method"], str(status[0])).inc()
-            metrics.latency.labels(route).observe(time.perf_counter() - start)
+            metrics.inc("raymoe_requests_total", route=route, status=str(status[0]))
 
     def _authorized(self, scope: dict) -> bool:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")

@@ -1,8 +1,10 @@
 """OpenAiIngress: the FastAPI deployment in front of the AttentionTier (DESIGN §2, §4).
 
-    HTTP -> [gate: API key 401, body size 413, request metrics] -> route -> validate (protocol.py, 400)
-         -> chat template / tokenize -> plan (limits, SamplingParams per choice)
-         -> TierClient.stream() per choice -> ChatChoiceState (K2 reasoning/tool parsing) -> JSON or SSE
+    HTTP -> [gate: API key 401, body size 413, request counts] -> route -> validate (protocol.py, 400)
+         -> plan: Heavy Mode? thinking budget, tools check, chat template (+ context management, in a thread),
+            limits, SamplingParams per choice
+         -> respond.py (choices: run_choice -> ChatChoiceState) | heavy_flow.py (trajectories -> aggregate)
+         -> JSON or SSE
 
 This layer (with its HTTP boundary in `errors.py`) is where status codes are decided: `ErrorResponse`
 values from planning and from the tier, FastAPI validation errors (400 instead of 422), unknown
@@ -11,10 +13,17 @@ replica (`__serve_build_asgi_app__`), so routes and gate close over this replica
 module globals.
 
 Tool calls: with `tools` and tool_choice "auto" (the default then) the tools are declared in the
-prompt and K2 tool-call markup is parsed into `tool_calls`. Without tools, or with tool_choice
-"none", no tools are declared (K2 Thinking has no "don't call" switch) and nothing is parsed as a
-tool call: any markup the model still emits stays in `content` verbatim, as vLLM does when no tool
-parser runs. Reasoning is split into `reasoning_content` in both cases.
+prompt, K2 tool-call markup is parsed into `tool_calls`, and each call is validated against the
+declarations (`serve.tool_validation`; see `choices.py`). Without tools, or with tool_choice "none", no
+tools are declared (K2 Thinking has no "don't call" switch) and nothing is parsed as a tool call: any
+markup the model still emits stays in `content` verbatim, as vLLM does when no tool parser runs.
+Reasoning is split into `reasoning_content` in both cases.
+
+Context management: a chat prompt over the limit (the prompt limit, or the context minus an explicit
+max_tokens) is fitted with `heavy.context.fit_messages` (`serve.context`), off the event loop; the
+response reports it in `context_management`. Metrics go to Ray's metrics agent (`observability.metrics`);
+`/metrics` returns every node's `ray_raymoe_*`/`ray_serve_*` series plus a live snapshot of each tier
+engine (`raymoe_engine_*{replica}`, read now rather than through Ray's few-second export delay).
 
 Auth and overload: with API keys configured (config list or the env var `api_keys_env` names, read
 when the replica starts), every route except `serve.public_paths` (default `/health`, for probes)
@@ -26,25 +35,29 @@ proxy before this code runs (same status and Retry-After, plain-text body).
 from __future__ import annotations
 
 import asyncio
-import json
+import re
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import jinja2
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from raymoe.config import ServeConfig
 from raymoe.engine.request import SamplingParams
+from raymoe.heavy.config import HeavyPlan, resolve_heavy, resolve_thinking_budget
+from raymoe.heavy.context import ContextReport, chat_token_counter, fit_messages
+from raymoe.heavy.tool_validation import ToolValidator
+from raymoe.observability import metrics
+from raymoe.serve.choices import ChatChoiceState, TextChoiceState, TokenText, ToolCheck, call_begin_id
 from raymoe.serve.errors import error_json, install_http_boundary, resolve_api_keys
+from raymoe.serve.heavy_flow import respond_heavy
 from raymoe.serve.protocol import (
-    ChatChoiceState,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
@@ -52,13 +65,12 @@ from raymoe.serve.protocol import (
     CompletionResponse,
     ErrorBody,
     ErrorResponse,
+    HeavyOptions,
     ModelList,
-    TextChoiceState,
-    TokenText,
     bad_request,
-    usage,
 )
-from raymoe.serve.tier import TierClient, TierOutput
+from raymoe.serve.respond import Plan, respond
+from raymoe.serve.tier import ReasoningTokens, TierClient
 from raymoe.tokenizer.chat import ChatEncoder
 
 _ERROR_DOCS: dict[int | str, dict[str, Any]] = {
@@ -67,78 +79,31 @@ _ERROR_DOCS: dict[int | str, dict[str, Any]] = {
         (413, "Body too large"), (429, "Overloaded (when configured)"), (503, "Overloaded or engine down"),
         (500, "Server error"))}
 _SSE_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "`data:` chunks, then `[DONE]`"}}}
+_HEAVY_PARAM = re.compile(r"heavy\.\w+")
+_TOOLS_PARAM = re.compile(r"tools\[\d+\](?:\.function(?:\.\w+)?)?")
+
+# name -> (kind, help): the live engine snapshot in /metrics, one series per tier replica
+_ENGINE_SERIES = {
+    "num_running": ("gauge", "Sequences in the running batch."), "num_waiting": ("gauge", "Sequences waiting."),
+    "kv_cache_usage": ("gauge", "Fraction of KV-cache blocks in use."),
+    "prefix_cache_hit_rate": ("gauge", "Prefix-cache hit rate."), "healthy": ("gauge", "1 while the engine runs."),
+    "num_steps": ("counter", "Engine steps."), "num_generated_tokens": ("counter", "Tokens generated."),
+    "num_prompt_tokens": ("counter", "Prompt tokens prefilled (prefix-cache hits excluded)."),
+    "prefix_cache_queried_tokens": ("counter", "Tokens looked up in the prefix cache."),
+    "prefix_cache_hit_tokens": ("counter", "Tokens found in the prefix cache."),
+}
 
 
-# -- metrics ------------------------------------------------------------------------------------------
-class IngressMetrics:
-    """This ingress replica's request metrics, in a private registry (no process-global state)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("raymoe_http_requests", "HTTP requests by route, method and status.",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("raymoe_http_request_duration_seconds", "Request latency to the last byte.",
-                                 ["route"], registry=r,
-                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.ttft = Histogram("raymoe_time_to_first_token_seconds", "Ingress arrival to first generated token.",
-                              registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.prompt_tokens = Counter("raymoe_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
-        self.generation_tokens = Counter("raymoe_generation_tokens", "Generated tokens.", registry=r)
-        self.resubmissions = Counter("raymoe_resubmissions", "Requests re-submitted after a tier replica died.",
-                                     registry=r)
-        self.in_flight = Gauge("raymoe_requests_in_flight", "Generation requests being served.", registry=r)
-
-
-_ENGINE_GAUGES = {"num_running": "Sequences in the running batch.", "num_waiting": "Sequences waiting.",
-                  "kv_cache_usage": "Fraction of KV-cache blocks in use.",
-                  "prefix_cache_hit_rate": "Prefix-cache hit rate.", "healthy": "1 while the engine loop runs."}
-_ENGINE_COUNTERS = {"num_steps": "Engine steps.", "num_generated_tokens": "Tokens generated by the engine.",
-                    "num_prompt_tokens": "Prompt tokens prefilled.",
-                    "prefix_cache_queried_tokens": "Tokens looked up in the prefix cache.",
-                    "prefix_cache_hit_tokens": "Tokens found in the prefix cache."}
-
-
-class _Families:
-    def __init__(self, families: list[Any]):
-        self.families = families
-
-    def collect(self) -> list[Any]:
-        return self.families
-
-
-def render_metrics(metrics: IngressMetrics, tier_stats: list[dict[str, Any]]) -> bytes:
-    """The /metrics body (Prometheus text): this ingress's request metrics, then every tier replica's engine.
-
-    One function on purpose: later metrics (per-shard dispatch latency, expert load, Heavy Mode
-    fan-out) are added here.
-    """
-    families: list[Any] = [GaugeMetricFamily("raymoe_engine_replicas", "AttentionTier replicas that answered.",
-                                             value=len(tier_stats))]
-    for table, kind in ((_ENGINE_GAUGES, GaugeMetricFamily), (_ENGINE_COUNTERS, CounterMetricFamily)):
-        for key, doc in table.items():
-            family = kind(f"raymoe_engine_{key}", doc, labels=["replica"])
-            for stats in tier_stats:
-                if key in stats:
-                    family.add_metric([str(stats.get("replica", "?"))], float(stats[key]))
-            families.append(family)
-    return generate_latest(metrics.registry) + generate_latest(_Families(families))  # type: ignore[arg-type]
-
-
-# -- planning -----------------------------------------------------------------------------------------
-@dataclass
-class _Plan:
-    """A validated request: prompt ids, one SamplingParams per choice, and how to answer."""
-
-    kind: str  # "chat" | "text"
-    request_id: str
-    created: int
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-    prompt_of: list[int]  # choice index -> prompt index
-    stream: bool
-    include_usage: bool
-    return_token_ids: bool
-    make_state: Callable[[int], ChatChoiceState | TextChoiceState]
+def render_engine_stats(tier_stats: list[dict[str, Any]]) -> str:
+    """Prometheus text of each tier replica's engine stats, as read now (`raymoe_engine_*{replica}`)."""
+    lines = ["# HELP raymoe_engine_replicas AttentionTier replicas that answered.",
+             "# TYPE raymoe_engine_replicas gauge", f"raymoe_engine_replicas {float(len(tier_stats))}"]
+    for key, (kind, doc) in _ENGINE_SERIES.items():
+        name = f"raymoe_engine_{key}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{replica="{stats.get("replica", "?")}"}} {float(stats[key])}'
+                  for stats in tier_stats if key in stats]
+    return "\n".join(lines) + "\n"
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -148,46 +113,15 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-async def merge_streams(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several choices' streams as (choice index, item); closing this closes them all."""
-    if len(streams) == 1:
-        try:
-            async for item in streams[0]:
-                yield 0, item
-        finally:
-            await streams[0].aclose()  # type: ignore[attr-defined]
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
-        try:
-            async for item in stream:
-                await queue.put((index, item))
-        except Exception as e:  # surfaced to the consumer, raised there
-            await queue.put((index, e))
-        finally:
-            await queue.put((index, done))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+class _PromptTooLong(ValueError):
+    pass
 
 
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of a seeded request uses seed + i, so n > 1 choices differ yet replay exactly."""
+    if seed is None:
+        return None
+    return seed + index if seed + index < 2**63 else seed - index
 
 
 @serve.deployment(name="OpenAiIngress")
@@ -197,38 +131,50 @@ class OpenAiIngress:
 
     Args:
         tier: handle of the `AttentionTier` deployment.
-        config: the `serve` subtree (limits, API keys, resubmission policy).
+        config: the `serve` subtree (limits, API keys, resubmission policy, Heavy Mode, budgets, ...).
     """
 
     async def __init__(self, tier: Any, config: ServeConfig):
         self.config = config
-        self.metrics = IngressMetrics()
         attention = config.attention
         self.client = TierClient(tier, max_resubmits=config.max_resubmits, retry_after_s=attention.retry_after_s,
                                  backpressure_status_code=attention.backpressure_status_code,
-                                 on_resubmit=self.metrics.resubmissions.inc)
+                                 on_resubmit=lambda: metrics.inc("raymoe_resubmissions_total"))
         self.info = await self.client.model_info()  # waits for the first tier replica: ready = model loaded
         self.tokenizer = self.info.tokenizer
+        self.client.reasoning_tokens = ReasoningTokens.from_tokenizer(self.tokenizer)
         self.encoder = ChatEncoder(self.tokenizer)
+        self.encode_lock = threading.Lock()  # the encoder runs in worker threads; one at a time
         self.token_text = TokenText(self.tokenizer)
+        self.call_begin_id = call_begin_id(self.tokenizer)
         self.api_keys = resolve_api_keys(config)
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # constructed outside a Serve replica
+            self.replica_id = "local"
+        self.num_in_flight = 0
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self)
 
     # -- endpoints ------------------------------------------------------------------------------------
     async def chat(self, body: ChatCompletionRequest) -> Response:
-        plan = self._plan_chat(body)
-        return error_json(plan) if isinstance(plan, ErrorResponse) else await self._respond(plan)
+        plan = await self._plan_chat(body)
+        if isinstance(plan, ErrorResponse):
+            return error_json(plan)
+        return await (respond_heavy(self, plan) if plan.heavy is not None else respond(self, plan))
 
     async def completions(self, body: CompletionRequest) -> Response:
         plan = self._plan_text(body)
-        return error_json(plan) if isinstance(plan, ErrorResponse) else await self._respond(plan)
+        return error_json(plan) if isinstance(plan, ErrorResponse) else await respond(self, plan)
 
     def models(self) -> dict[str, Any]:
         card = {"id": self.info.model_name, "object": "model", "created": self.info.created, "owned_by": "raymoe",
                 "max_model_len": self.info.max_model_len}
-        return {"object": "list", "data": [card]}
+        cards = [card]
+        if self.config.heavy.enabled:
+            cards.append({**card, "id": self.info.model_name + self.config.heavy.model_alias_suffix})
+        return {"object": "list", "data": cards}
 
     async def health(self) -> Response:
         if await self.client.is_healthy():
@@ -237,8 +183,40 @@ class OpenAiIngress:
                                         retry_after_s=self.config.attention.retry_after_s))
 
     async def metrics_text(self) -> Response:
-        body = render_metrics(self.metrics, await self.client.stats())
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        cluster, stats = await asyncio.gather(asyncio.to_thread(metrics.scrape_cluster), self.client.stats())
+        return Response(cluster + render_engine_stats(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- request accounting (respond.py, heavy_flow.py) -----------------------------------------------
+    def request_started(self) -> None:
+        self.num_in_flight += 1
+        metrics.set_gauge("raymoe_requests_in_flight", self.num_in_flight, replica=self.replica_id)
+
+    def request_finished(self) -> None:
+        self.num_in_flight -= 1
+        metrics.set_gauge("raymoe_requests_in_flight", self.num_in_flight, replica=self.replica_id)
+
+    async def encode_chat(self, messages: list[dict], tools: list[dict] | None,
+                          max_prompt_tokens: int | None = None) -> tuple[list[int], list[dict], ContextReport | None]:
+        """Prompt ids in a worker thread (a 300-turn render takes tens of ms): fitted to `max_prompt_tokens`
+        by context management when given and the strategy is 'truncate'.
+
+        Raises:
+            ValueError: malformed messages; `_PromptTooLong` when context management cannot fit the prompt.
+        """
+        def work() -> tuple[list[int], list[dict], ContextReport | None]:
+            with self.encode_lock:
+                ids = self.encoder.encode_messages(messages, tools)
+                if max_prompt_tokens is None or len(ids) <= max_prompt_tokens or \
+                        self.config.context.strategy == "error":  # 'error': the limit checks answer 400
+                    return ids, messages, None
+                try:
+                    fitted, report = fit_messages(messages, tools, chat_token_counter(self.encoder),
+                                                  max_prompt_tokens, self.config.context)
+                except ValueError as e:
+                    raise _PromptTooLong(str(e)) from None
+                return self.encoder.encode_messages(fitted, tools), fitted, report
+
+        return await asyncio.to_thread(work)
 
     # -- planning -------------------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> ErrorResponse | None:
@@ -247,36 +225,85 @@ class OpenAiIngress:
         return ErrorResponse(f"model {model!r} does not exist; this server serves {self.info.model_name!r}",
                              "not_found_error", 404, "model", "model_not_found")
 
-    def _plan_chat(self, body: ChatCompletionRequest) -> _Plan | ErrorResponse:
-        if err := self._check_model(body.model):
+    def _resolve_heavy(self, body: ChatCompletionRequest) -> HeavyPlan | None | ErrorResponse:
+        served = self.info.model_name
+        field = body.heavy.model_dump(exclude_none=True) if isinstance(body.heavy, HeavyOptions) else None
+        try:
+            heavy = resolve_heavy(field, body.model or served, self.config.heavy, served)
+        except ValueError as e:
+            m = _HEAVY_PARAM.match(str(e))
+            return bad_request(str(e), m.group() if m else ("heavy" if body.heavy is not None else "model"))
+        if heavy is not None and body.n > 1:
+            return bad_request(f"Heavy Mode returns one aggregated answer: n must be 1, not {body.n}", "n")
+        if heavy is not None and body.tools:
+            return bad_request("Heavy Mode does not support tools (trajectories would act on them independently)",
+                               "tools")
+        return heavy
+
+    async def _plan_chat(self, body: ChatCompletionRequest) -> Plan | ErrorResponse:
+        heavy = self._resolve_heavy(body)
+        if isinstance(heavy, ErrorResponse):
+            return heavy
+        if err := self._check_model(heavy.model if heavy else body.model):
             return err
         if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
             return bad_request("tool_choice must be 'auto' or 'none' (required/named choices are not supported)",
                                "tool_choice")
         if body.top_logprobs is not None and not body.logprobs:
             return bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        parse_tools = bool(body.tools) and body.tool_choice != "none"
-        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if parse_tools else None
+        declared = [t.model_dump(exclude_none=True) for t in body.tools or []]
         try:
-            ids = self.encoder.encode_messages([_message_dict(m) for m in body.messages], tools)
-        except (ValueError, jinja2.TemplateError) as e:
-            return bad_request(str(e), "messages")
+            validator = ToolValidator(declared) if declared else None
+        except ValueError as e:
+            m = _TOOLS_PARAM.match(str(e))
+            return bad_request(str(e), m.group() if m else "tools")
+        parse_tools = bool(declared) and body.tool_choice != "none"
+        tools = declared if parse_tools else None
+        budget = self._thinking_budget(body)
+        if isinstance(budget, ErrorResponse):
+            return budget
         max_tokens, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
                              else (body.max_tokens, "max_tokens"))
+        try:
+            ids, messages, report = await self.encode_chat([_message_dict(m) for m in body.messages], tools,
+                                                           self._prompt_budget(max_tokens))
+        except _PromptTooLong as e:
+            return bad_request(str(e), "messages", "context_length_exceeded")
+        except (ValueError, jinja2.TemplateError) as e:
+            return bad_request(str(e), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = self._params(body, len(ids), max_tokens, param, "messages", top, self.encoder.stop_token_ids,
-                              body.n)
+        n = heavy.trajectories if heavy else body.n
+        logprobs = top if heavy is None else (top or 0)  # Heavy: chosen-token logprobs for ties and best_logprob
+        params = self._params(body, len(ids), max_tokens, param, "messages", logprobs, self.encoder.stop_token_ids,
+                              n, budget, check_n=heavy is None)
         if isinstance(params, ErrorResponse):
             return params
+        check = None
+        if validator is not None and parse_tools and self.config.tool_validation.enabled:
+            check = ToolCheck(validator, self.config.tool_validation, self.call_begin_id, params[0].max_tokens)
 
         def make_state(i: int) -> ChatChoiceState:
-            return ChatChoiceState(i, parse_tools, top, self.token_text, body.return_token_ids)
+            return ChatChoiceState(i, parse_tools, top, self.token_text, body.return_token_ids, check)
 
-        return _Plan("chat", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), [ids], params, [0] * body.n,
-                     body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                     body.return_token_ids, make_state)
+        return Plan("chat", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), [ids], params, [0] * n,
+                    body.stream, bool(body.stream_options and body.stream_options.include_usage),
+                    body.return_token_ids, make_state, heavy, messages, report, self.config.context.strategy)
 
-    def _plan_text(self, body: CompletionRequest) -> _Plan | ErrorResponse:
+    def _thinking_budget(self, body: Any) -> int | None | ErrorResponse:
+        try:
+            return resolve_thinking_budget(body.reasoning_effort, body.thinking_budget, self.config.reasoning)
+        except ValueError as e:
+            return bad_request(str(e), "thinking_budget" if body.thinking_budget is not None else "reasoning_effort")
+
+    def _prompt_budget(self, max_tokens: int | None) -> int:
+        """Most prompt tokens: the prompt limit, and room for an explicit (valid) max_tokens."""
+        limits, context = self.config.limits, self.info.max_model_len
+        budget = min(limits.max_prompt_tokens or context, context - 1)
+        if max_tokens is not None and max_tokens <= limits.max_tokens and context - max_tokens >= 1:
+            budget = min(budget, context - max_tokens)
+        return budget
+
+    def _plan_text(self, body: CompletionRequest) -> Plan | ErrorResponse:
         if err := self._check_model(body.model):
             return err
         for name, unsupported in (("echo", body.echo), ("suffix", body.suffix)):
@@ -284,6 +311,9 @@ class OpenAiIngress:
                 return bad_request(f"{name} is not supported", name)
         if body.best_of is not None and body.best_of != body.n:
             return bad_request(f"best_of ({body.best_of}) must equal n ({body.n}): no server-side ranking", "best_of")
+        budget = self._thinking_budget(body)
+        if isinstance(budget, ErrorResponse):
+            return budget
         prompts = self._prompt_ids(body.prompt)
         if isinstance(prompts, ErrorResponse):
             return prompts
@@ -292,7 +322,8 @@ class OpenAiIngress:
                                f"{self.config.limits.max_n}", "n")
         params: list[SamplingParams] = []
         for ids in prompts:
-            p = self._params(body, len(ids), body.max_tokens, "max_tokens", "prompt", body.logprobs, [], body.n)
+            p = self._params(body, len(ids), body.max_tokens, "max_tokens", "prompt", body.logprobs, [], body.n,
+                             budget)
             if isinstance(p, ErrorResponse):
                 return p
             params += p
@@ -300,10 +331,10 @@ class OpenAiIngress:
         def make_state(i: int) -> TextChoiceState:
             return TextChoiceState(i, body.logprobs, self.token_text, body.return_token_ids)
 
-        return _Plan("text", f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts, params,
-                     [i // body.n for i in range(len(params))], body.stream,
-                     bool(body.stream_options and body.stream_options.include_usage), body.return_token_ids,
-                     make_state)
+        return Plan("text", f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts, params,
+                    [i // body.n for i in range(len(params))], body.stream,
+                    bool(body.stream_options and body.stream_options.include_usage), body.return_token_ids,
+                    make_state)
 
     def _prompt_ids(self, prompt: str | list) -> list[list[int]] | ErrorResponse:
         if isinstance(prompt, str):
@@ -323,9 +354,10 @@ class OpenAiIngress:
         return prompts
 
     def _params(self, body: Any, prompt_len: int, max_tokens: int | None, max_param: str, prompt_param: str,
-                logprobs: int | None, stop_token_ids: list[int], n: int) -> list[SamplingParams] | ErrorResponse:
+                logprobs: int | None, stop_token_ids: list[int], n: int, thinking_budget: int | None = None,
+                check_n: bool = True) -> list[SamplingParams] | ErrorResponse:
         limits, context = self.config.limits, self.info.max_model_len
-        if n > limits.max_n:
+        if check_n and n > limits.max_n:
             return bad_request(f"n ({n}) exceeds the limit of {limits.max_n}", "n")
         max_prompt = min(limits.max_prompt_tokens or context, context - 1)
         if prompt_len > max_prompt:
@@ -348,121 +380,9 @@ class OpenAiIngress:
                 max_tokens=max_tokens, stop=stop, stop_token_ids=list(stop_token_ids), ignore_eos=body.ignore_eos,
                 logprobs=logprobs, repetition_penalty=body.repetition_penalty or 1.0,
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                skip_special_tokens=body.skip_special_tokens) for i in range(n)]
+                skip_special_tokens=body.skip_special_tokens, thinking_budget=thinking_budget) for i in range(n)]
         except ValueError as e:
             return bad_request(str(e))
-
-    # -- answering ------------------------------------------------------------------------------------
-    async def _respond(self, plan: _Plan) -> Response:
-        states = [plan.make_state(i) for i in range(len(plan.params))]
-        events = merge_streams([
-            self.client.stream(f"{plan.request_id}-{i}", plan.prompts[plan.prompt_of[i]], p, self.tokenizer)
-            for i, p in enumerate(plan.params)])
-        tally = _Tally(time.perf_counter(), len(plan.params))
-        self.metrics.in_flight.inc()
-        if plan.stream:
-            # Wait for the first item before answering, so a refused request still gets its status code.
-            try:
-                first = await anext(events, None)
-            except BaseException:  # the client left while we waited
-                await self._finish(events, plan, tally)
-                raise
-            if first is not None and isinstance(first[1], ErrorResponse):
-                await self._finish(events, plan, tally)
-                return error_json(first[1])
-            return StreamingResponse(self._stream(plan, states, first, events, tally), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            async for index, item in events:
-                if isinstance(item, ErrorResponse):
-                    return error_json(item)
-                tally.observe(self.metrics, index, item)
-                states[index].update(item.token_ids, item.text, item.logprobs, item.finished, item.finish_reason)
-        finally:
-            await self._finish(events, plan, tally)
-        body: dict[str, Any] = {
-            "id": plan.request_id, "object": "chat.completion" if plan.kind == "chat" else "text_completion",
-            "created": plan.created, "model": self.info.model_name,
-            "choices": [s.message() if isinstance(s, ChatChoiceState) else s.final() for s in states],
-            "usage": self._usage(plan, states, tally)}
-        if plan.return_token_ids:
-            body["prompt_token_ids"] = plan.prompts[0] if plan.kind == "chat" else plan.prompts
-        return JSONResponse(body)
-
-    async def _stream(self, plan: _Plan, states: list, first: tuple[int, Any] | None,
-                      events: AsyncIterator[tuple[int, Any]], tally: _Tally) -> AsyncIterator[bytes]:
-        chat = plan.kind == "chat"
-        head = {"id": plan.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": plan.created, "model": self.info.model_name}
-        tail = {"usage": None} if plan.include_usage else {}
-        try:
-            if chat:
-                for s in states:
-                    choice = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}
-                    extra = {"prompt_token_ids": plan.prompts[0]} if plan.return_token_ids and s.index == 0 else {}
-                    yield _sse({**head, "choices": [choice], **tail, **extra})
-            pending = [first] if first is not None else []
-            failed = False
-            while True:
-                item_pair = pending.pop() if pending else await anext(events, None)
-                if item_pair is None:
-                    break
-                index, item = item_pair
-                if isinstance(item, ErrorResponse):  # mid-stream: the status is sent already
-                    yield _sse(item.to_dict())
-                    failed = True
-                    break
-                tally.observe(self.metrics, index, item)
-                choice = states[index].update(item.token_ids, item.text, item.logprobs, item.finished,
-                                              item.finish_reason)
-                if choice is not None:
-                    yield _sse({**head, "choices": [choice], **tail})
-            if plan.include_usage and not failed:
-                yield _sse({**head, "choices": [], "usage": self._usage(plan, states, tally)})
-            yield b"data: [DONE]\n\n"
-        finally:
-            await self._finish(events, plan, tally)
-
-    async def _finish(self, events: Any, plan: _Plan, tally: _Tally) -> None:
-        await events.aclose()
-        if not tally.closed:
-            tally.closed = True
-            self.metrics.in_flight.dec()
-            self.metrics.prompt_tokens.inc(sum(len(p) for p in plan.prompts))
-            self.metrics.generation_tokens.inc(sum(tally.num_tokens))
-
-    def _usage(self, plan: _Plan, states: list, tally: _Tally) -> dict[str, Any]:
-        # n choices share one prompt: it is counted once, as OpenAI does.
-        prompt_tokens = sum(len(p) for p in plan.prompts)
-        cached = sum(tally.cached[i] for i in range(len(states)) if i == 0 or plan.prompt_of[i] != plan.prompt_of[i - 1])
-        return usage(prompt_tokens, sum(len(s.token_ids) for s in states), cached)
-
-
-@dataclass
-class _Tally:
-    start: float
-    num_choices: int
-    closed: bool = False
-    first_token: bool = False
-
-    def __post_init__(self) -> None:
-        self.cached = [0] * self.num_choices
-        self.num_tokens = [0] * self.num_choices
-
-    def observe(self, metrics: IngressMetrics, index: int, item: TierOutput) -> None:
-        self.cached[index] = max(self.cached[index], item.num_cached_tokens)
-        self.num_tokens[index] += len(item.token_ids)
-        if item.token_ids and not self.first_token:
-            self.first_token = True
-            metrics.ttft.observe(time.perf_counter() - self.start)
-
-
-def _choice_seed(seed: int | None, index: int) -> int | None:
-    """Choice i of a seeded request uses seed + i, so n > 1 choices differ yet replay exactly."""
-    if seed is None:
-        return None
-    return seed + index if seed + index < 2**63 else seed - index
 
 
 def _openapi_with_model(app: FastAPI, model_name: str) -> Callable[[], dict[str, Any]]:
@@ -511,7 +431,7 @@ def create_app(ingress: OpenAiIngress) -> FastAPI:
 
     @app.get("/metrics", tags=["ops"], response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: _ERROR_DOCS[401]})
-    async def metrics() -> Response:
+    async def metrics_route() -> Response:
         return await ingress.metrics_text()
 
     install_http_boundary(app, ingress)

@@ -1,13 +1,18 @@
-"""OpenAI wire format of the ingress: request/response models, `ErrorResponse`, and choice assembly.
+"""OpenAI wire format of the ingress: request/response models and `ErrorResponse` values.
 
     HTTP JSON -> ChatCompletionRequest / CompletionRequest (validated here) -> ingress -> tier
     tier/ingress -> ErrorResponse value -> ingress maps it to a status code and OpenAI error JSON
-    engine deltas -> ChatChoiceState / TextChoiceState (K2 parsing, logprobs) -> OpenAI choice dicts
 
 Requests are strict (a string where a number belongs is a 400, never coerced) and ignore unknown
 top-level fields, as OpenAI does with vendor extensions. Bounds that protect the engine (seed range,
 top_k, logprobs) are enforced here, before anything reaches a sampler. Response models document the
-API in /openapi.json and type the tests; the ingress writes plain dicts on the hot path.
+API in /openapi.json and type the tests; the ingress writes plain dicts on the hot path (choice
+assembly from engine deltas is `choices.py`).
+
+Extensions beyond OpenAI's API (all optional): requests take `heavy` (Heavy Mode), `thinking_budget`
+and `reasoning_effort`; responses may carry `heavy` (the trajectories and how they were aggregated),
+`context_management` (what was cut to fit the prompt) and, per choice, `tool_call_errors`; Heavy Mode
+streams interleave `heavy_progress` chunks (with `choices: []`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-
-from raymoe.serve.parsers import DeltaMessage, K2StreamParser
 
 _INT64_MAX = 2**63 - 1
 _MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and SamplingParams'
@@ -149,6 +152,29 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class HeavyOptions(_Strict):
+    """The `heavy` extension field as an object; every key optional (server defaults: `serve.heavy`)."""
+
+    trajectories: Int | None = Field(None, ge=1, le=256, description="Trajectories to roll out in parallel.")
+    aggregate: Literal["vote", "reflect", "best_logprob"] | None = Field(
+        None, description="vote: majority over extracted answers (ties: mean logprob); reflect: one more "
+        "generation reads the candidates and answers; best_logprob: highest mean token logprob.")
+    extractor: Literal["last_line", "boxed", "regex"] | None = Field(
+        None, description="How vote extracts a trajectory's final answer from its content.")
+    extractor_regex: str | None = Field(None, max_length=256, description="Pattern for extractor 'regex'.")
+
+
+def _heavy_flag(value: Any) -> Any:
+    """`heavy: true` means the server's defaults, `false` the default (off); objects pass through.
+
+    One type rather than a `bool | object` union, so an error names the bad key (`heavy.trajectories`)
+    instead of the boolean branch.
+    """
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
 class _SamplingFields(_Strict):
     model: str | None = Field(None, description="Served model id (see /v1/models); default: the one model.")
     temperature: float | None = Field(None, ge=0, le=2)
@@ -168,6 +194,11 @@ class _SamplingFields(_Strict):
     return_token_ids: bool = Field(
         False, description="Vendor extension: add prompt_token_ids and per-choice token_ids to the response.")
     user: str | None = None
+    thinking_budget: Int | None = Field(
+        None, ge=1, description="Vendor extension: most reasoning tokens; the engine then closes `</think>` "
+        "and the answer follows (within max_tokens).")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        None, description="Thinking budget by name (sizes set by the server); thinking_budget wins.")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -180,6 +211,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=_MAX_TOP_LOGPROBS)
+    heavy: Annotated[HeavyOptions | None, BeforeValidator(_heavy_flag)] = Field(
+        None, description="Vendor extension: Heavy Mode (also selected by the model alias `<model>-heavy`): "
+        "roll out several trajectories over the model replicas and aggregate them into one answer. "
+        "An object, or `true` for the server's defaults. Not with n > 1 or tools.")
 
 
 class CompletionRequest(_SamplingFields):
@@ -236,12 +271,50 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ToolCallOut] | None = None
 
 
+class ToolCallError(BaseModel):
+    """A generated tool call that was not executable (rendered into `content` instead)."""
+
+    index: int | None
+    name: str
+    kind: Literal["undeclared_tool", "invalid_json", "schema_violation"]
+    message: str
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     token_ids: list[int] | None = None
+    tool_call_errors: list[ToolCallError] | None = None
+
+
+class HeavyTrajectory(BaseModel):
+    index: int
+    answer: str | None
+    num_tokens: int
+    mean_logprob: float | None
+    replica: str | None
+    finish_reason: str | None
+
+
+class HeavySummary(BaseModel):
+    """How a Heavy Mode answer was made: `winner` is the chosen trajectory (None after reflect)."""
+
+    aggregate: Literal["vote", "reflect", "best_logprob"]
+    winner: int | None
+    trajectories: list[HeavyTrajectory]
+    tally: dict[str, int] | None = None
+
+
+class ContextManagement(BaseModel):
+    """What context management did to fit the prompt (present only when it changed something)."""
+
+    strategy: str
+    truncated_tool_results: int
+    dropped_messages: int
+    original_tokens: int
+    final_tokens: int
 
 
 class ChatCompletionResponse(BaseModel):
@@ -252,6 +325,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_token_ids: list[int] | None = None
+    heavy: HeavySummary | None = None
+    context_management: ContextManagement | None = None
 
 
 class ToolCallDeltaOut(BaseModel):
@@ -273,6 +348,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    tool_call_errors: list[ToolCallError] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -284,6 +360,11 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    heavy_progress: dict[str, Any] | None = Field(
+        None, description="Heavy Mode progress event (with `choices: []`): trajectory_started, "
+        "trajectory_finished, aggregating.")
+    heavy: HeavySummary | None = None
+    context_management: ContextManagement | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -323,247 +404,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-# -- engine deltas -> OpenAI choices ---------------------------------------------------------------
-_MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
-
-
-class TokenText:
-    """Token id -> its text and bytes for logprobs, cached (at most one entry per vocabulary id)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self._cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
-
-def _lp(value: float) -> float:
-    return max(float(value), _MIN_LOGPROB)
-
-
-def _top(logprobs: dict[int, float], num: int) -> list[tuple[int, float]]:
-    return sorted(logprobs.items(), key=lambda kv: -kv[1])[:num]
-
-
-class ReasoningOnlyParser:
-    """Splits reasoning from content without parsing tool calls (requests without tools, or tool_choice none).
-
-    Same reasoning rules as `K2StreamParser(expect_reasoning=True)`: an optional leading `<think>`,
-    reasoning until `</think>` or a tool-call section; then everything is content, verbatim,
-    tool-call markup included (what vLLM returns when no tool parser runs).
-    """
-
-    _ENDS = ("</think>", "<|tool_calls_section_begin|>", "<|tool_call_section_begin|>", "<|tool_call_begin|>")
-    has_tool_calls = False
-
-    def __init__(self) -> None:
-        self._buf = ""
-        self._state = "start"
-
-    def feed(self, text: str) -> DeltaMessage | None:
-        self._buf += text
-        return self._drain(final=False)
-
-    def finish(self) -> DeltaMessage | None:
-        return self._drain(final=True)
-
-    def _drain(self, final: bool) -> DeltaMessage | None:
-        reasoning, content = "", ""
-        if self._state == "start":
-            rest = self._buf.lstrip()
-            if rest.startswith("<think>"):
-                self._buf, self._state = rest[len("<think>"):], "reasoning"
-            elif not final and "<think>".startswith(rest):
-                return None
-            else:
-                self._state = "reasoning"
-        if self._state == "reasoning":
-            hits = [(i, m) for m in self._ENDS if (i := self._buf.find(m)) >= 0]
-            if hits:
-                i, marker = min(hits)
-                reasoning = self._buf[:i]
-                self._buf = self._buf[i + len(marker):] if marker == "</think>" else self._buf[i:]
-                self._state = "content"
-            else:
-                keep = 0 if final else _partial_suffix(self._buf, self._ENDS)
-                reasoning, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
-        if self._state == "content":
-            content, self._buf = self._buf, ""
-        if not (reasoning or content):
-            return None
-        return DeltaMessage(reasoning or None, content or None, [])
-
-
-def _partial_suffix(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that starts one of `markers` (held back until decided)."""
-    for i in range(max(0, len(text) - max(map(len, markers)) + 1), len(text)):
-        if text[i] == "<" and any(m.startswith(text[i:]) for m in markers):
-            return len(text) - i
-    return 0
-
-
-def finish_reason(engine_reason: str | None, has_tool_calls: bool = False) -> str:
-    """Engine finish reason -> OpenAI's ("abort" only reaches a client that has gone)."""
-    if engine_reason == "length":
-        return "length"
-    return "tool_calls" if has_tool_calls else "stop"
-
-
-class ChatChoiceState:
-    """One chat choice: feeds engine deltas through the K2 parser, builds stream deltas and the final message.
-
-    Args:
-        index: the choice index.
-        parse_tools: parse K2 tool calls into `tool_calls` (else `ReasoningOnlyParser`).
-        top_logprobs: None = no logprobs; N = chosen token plus the N most likely.
-        token_text: id -> text for logprobs.
-        return_token_ids: add `token_ids` to each delta / the final choice.
-    """
-
-    def __init__(self, index: int, parse_tools: bool, top_logprobs: int | None, token_text: TokenText,
-                 return_token_ids: bool = False):
-        self.index = index
-        self.parser: Any = K2StreamParser() if parse_tools else ReasoningOnlyParser()
-        self.top_logprobs = top_logprobs
-        self.token_text = token_text
-        self.return_token_ids = return_token_ids
-        self.reasoning: list[str] = []
-        self.content: list[str] = []
-        self.tool_calls: list[dict[str, Any]] = []
-        self.logprobs: list[dict[str, Any]] = []
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
-
-    def update(self, token_ids: list[int], text: str, logprobs: list[dict[int, float]] | None,
-               finished: bool, engine_reason: str | None) -> dict[str, Any] | None:
-        """Consume one engine delta; return its stream choice (`{"index", "delta", ...}`) or None."""
-        self.token_ids += token_ids
-        delta: dict[str, Any] = {}
-        if text:
-            self._apply(self.parser.feed(text), delta)
-        if finished:
-            self._apply(self.parser.finish(), delta)
-            self.finish_reason = finish_reason(engine_reason, self.parser.has_tool_calls)
-        lps = self._logprobs(token_ids, logprobs)
-        if not (delta or lps or finished or (self.return_token_ids and token_ids)):
-            return None
-        choice: dict[str, Any] = {"index": self.index, "delta": delta,
-                                  "logprobs": {"content": lps} if lps else None,
-                                  "finish_reason": self.finish_reason if finished else None}
-        if self.return_token_ids:
-            choice["token_ids"] = token_ids
-        return choice
-
-    def message(self) -> dict[str, Any]:
-        """The non-streamed choice, after the finished delta."""
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None,
-                                   "reasoning_content": "".join(self.reasoning) or None}
-        if self.tool_calls:
-            message["tool_calls"] = self.tool_calls
-        choice: dict[str, Any] = {"index": self.index, "message": message,
-                                  "logprobs": {"content": self.logprobs} if self.top_logprobs is not None else None,
-                                  "finish_reason": self.finish_reason}
-        if self.return_token_ids:
-            choice["token_ids"] = self.token_ids
-        return choice
-
-    def _apply(self, parsed: Any, delta: dict[str, Any]) -> None:
-        if parsed is None:
-            return
-        if parsed.reasoning_content:
-            self.reasoning.append(parsed.reasoning_content)
-            delta["reasoning_content"] = delta.get("reasoning_content", "") + parsed.reasoning_content
-        if parsed.content:
-            self.content.append(parsed.content)
-            delta["content"] = delta.get("content", "") + parsed.content
-        for call in parsed.tool_calls:
-            calls = delta.setdefault("tool_calls", [])
-            if call.id is not None:  # a new call: id and name first, then argument fragments
-                self.tool_calls.append({"id": call.id, "type": "function",
-                                        "function": {"name": call.name or "", "arguments": call.arguments}})
-                calls.append({"index": call.index, "id": call.id, "type": "function",
-                              "function": {"name": call.name or "", "arguments": call.arguments}})
-                continue
-            self.tool_calls[call.index]["function"]["arguments"] += call.arguments
-            if calls and calls[-1]["index"] == call.index:
-                calls[-1]["function"]["arguments"] += call.arguments
-            else:
-                calls.append({"index": call.index, "function": {"arguments": call.arguments}})
-
-    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> list[dict[str, Any]]:
-        if self.top_logprobs is None or not logprobs:
-            return []
-        out = []
-        for tid, lp in zip(token_ids, logprobs):
-            text = self.token_text(tid)
-            top = [{"token": (t := self.token_text(k)), "logprob": _lp(v), "bytes": list(t.encode())}
-                   for k, v in _top(lp, self.top_logprobs)]
-            out.append({"token": text, "logprob": _lp(lp.get(tid, _MIN_LOGPROB)), "bytes": list(text.encode()),
-                        "top_logprobs": top})
-        self.logprobs += out
-        return out
-
-
-class TextChoiceState:
-    """One /v1/completions choice: raw text (no parsing), OpenAI legacy logprobs."""
-
-    def __init__(self, index: int, logprobs: int | None, token_text: TokenText, return_token_ids: bool = False):
-        self.index = index
-        self.num_logprobs = logprobs
-        self.token_text = token_text
-        self.return_token_ids = return_token_ids
-        self.text: list[str] = []
-        self.token_ids: list[int] = []
-        self.offset = 0
-        self.logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        self.finish_reason: str | None = None
-
-    def update(self, token_ids: list[int], text: str, logprobs: list[dict[int, float]] | None,
-               finished: bool, engine_reason: str | None) -> dict[str, Any] | None:
-        self.token_ids += token_ids
-        self.text.append(text)
-        if finished:
-            self.finish_reason = finish_reason(engine_reason)
-        lps = self._logprobs(token_ids, logprobs)
-        if not (text or lps or finished or (self.return_token_ids and token_ids)):
-            return None
-        choice: dict[str, Any] = {"index": self.index, "text": text, "logprobs": lps,
-                                  "finish_reason": self.finish_reason if finished else None}
-        if self.return_token_ids:
-            choice["token_ids"] = token_ids
-        return choice
-
-    def final(self) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": self.index, "text": "".join(self.text),
-                                  "logprobs": self.logprobs if self.num_logprobs is not None else None,
-                                  "finish_reason": self.finish_reason}
-        if self.return_token_ids:
-            choice["token_ids"] = self.token_ids
-        return choice
-
-    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> dict[str, list] | None:
-        if self.num_logprobs is None or not logprobs:
-            return None
-        part: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for tid, lp in zip(token_ids, logprobs):
-            text = self.token_text(tid)
-            part["tokens"].append(text)
-            part["token_logprobs"].append(_lp(lp.get(tid, _MIN_LOGPROB)))
-            part["top_logprobs"].append({self.token_text(k): _lp(v) for k, v in _top(lp, self.num_logprobs)})
-            part["text_offset"].append(self.offset)
-            self.offset += len(text)
-        for key, values in part.items():
-            self.logprobs[key] += values
-        return part
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}

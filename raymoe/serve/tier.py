@@ -10,6 +10,11 @@ never picks a status code. `TierClient` is the one place on the ingress side whe
 another replica as prompt + the tokens already produced, with the remaining `max_tokens`, so the
 caller's stream continues (DESIGN §2: the attention tier holds the KV cache, losing a replica loses
 its caches, not its requests).
+
+Placement: requests carry an optional routing hint (`routing.py`: spread over replicas, or pin to the replica
+a previous output reported), which Heavy Mode uses so each replica prefills a shared prompt once. Thinking
+budgets survive resubmission: the resumed request gets the budget minus the reasoning tokens already produced
+(none when the reasoning already ended).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -37,6 +43,7 @@ from raymoe.config import RayMoEConfig
 from raymoe.engine.async_engine import EngineDeadError
 from raymoe.engine.request import SamplingParams
 from raymoe.serve.protocol import ErrorResponse, bad_request, internal_error, unavailable
+from raymoe.serve.routing import ReplicaHintRouter
 
 logger = logging.getLogger("raymoe.serve")
 
@@ -58,6 +65,7 @@ class TierOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None
     finished: bool
     num_cached_tokens: int = 0
+    replica: str | None = None  # set on a stream's first output: the replica serving it
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +101,38 @@ def import_object(path: str) -> Any:
         raise ValueError(f"cannot import engine_factory {path!r}: {e}") from e
 
 
-@serve.deployment(name="AttentionTier")
+@dataclass(frozen=True, slots=True)
+class ReasoningTokens:
+    """Token ids of K2's reasoning markers, for thinking-budget accounting across resubmissions."""
+
+    think_start: int | None
+    enders: frozenset[int]  # `</think>` and the tool-call openers that also end reasoning
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> ReasoningTokens:
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        enders = frozenset(vocab[t] for t in ("</think>", "<|tool_calls_section_begin|>",
+                                              "<|tool_call_section_begin|>", "<|tool_call_begin|>") if t in vocab)
+        return cls(vocab.get("<think>"), enders)
+
+    def remaining_budget(self, budget: int | None, produced: list[int]) -> int | None:
+        """The budget left after `produced` output tokens; None once the reasoning has ended.
+
+        Counts as the engine does: output tokens before the first ender, a leading `<think>` excluded.
+        """
+        if budget is None:
+            return None
+        used = 0
+        for i, token in enumerate(produced):
+            if token in self.enders:
+                return None
+            if not (i == 0 and token == self.think_start):
+                used += 1
+        return max(0, budget - used)
+
+
+@serve.deployment(name="AttentionTier",
+                  request_router_config=RequestRouterConfig(request_router_class=ReplicaHintRouter))
 class AttentionTier:
     """One replica = one engine (DESIGN §2). Its expert shards, if any, are actors it owns.
 
@@ -131,7 +170,7 @@ class AttentionTier:
                 completion = out.outputs[0]
                 yield TierOutput(completion.token_ids, completion.text, completion.logprobs,
                                  completion.finish_reason, out.finished,
-                                 out.metrics.num_cached_tokens if first else 0)
+                                 out.metrics.num_cached_tokens if first else 0, self.replica_id if first else None)
                 first = False
         except ValueError as e:  # the engine refused the request (too long, bad token id)
             yield bad_request(str(e), param="prompt")
@@ -141,6 +180,9 @@ class AttentionTier:
 
     def model_info(self) -> ModelInfo:
         return self.info
+
+    def replica(self) -> str:
+        return self.replica_id
 
     def stats(self) -> dict[str, Any]:
         return {"replica": self.replica_id, "healthy": bool(self.engine.is_healthy), **self.engine.stats()}
@@ -172,17 +214,23 @@ class TierClient:
         retry_after_s: Retry-After sent with the back-pressure 503/429.
         backpressure_status_code: 503 or 429, as configured for the tier.
         on_resubmit: called once per resubmission (metrics).
+        reasoning_tokens: marker ids for thinking-budget accounting on resubmission (None: budgets are
+            passed on unchanged).
     """
+
+    _REPLICAS_TTL_S = 5.0  # replica ids are a broadcast: refreshed at most this often
 
     def __init__(self, handle: Any, *, max_resubmits: int = 3, retry_after_s: float = 1.0,
                  backpressure_status_code: int = 503, on_resubmit: Callable[[], None] | None = None,
-                 resubmit_delay_s: float = 0.2):
+                 resubmit_delay_s: float = 0.2, reasoning_tokens: ReasoningTokens | None = None):
         self.handle = handle
         self.max_resubmits = max_resubmits
         self.retry_after_s = retry_after_s
         self.backpressure_status_code = backpressure_status_code
         self.on_resubmit = on_resubmit
         self.resubmit_delay_s = resubmit_delay_s
+        self.reasoning_tokens = reasoning_tokens
+        self._replicas: tuple[float, list[str]] = (-1e9, [])
 
     async def model_info(self) -> ModelInfo:
         return await self.handle.model_info.remote()
@@ -203,9 +251,26 @@ class TierClient:
             return []
         return [r for r in results if isinstance(r, dict)]
 
+    async def replica_ids(self, timeout_s: float = 2.0) -> list[str]:
+        """Ids of the live replicas, cached for a few seconds (placement of Heavy Mode trajectories)."""
+        at, ids = self._replicas
+        if time.monotonic() - at < self._REPLICAS_TTL_S and ids:
+            return ids
+        try:
+            results = await self.handle.broadcast("replica").results_async(timeout_s=timeout_s,
+                                                                           return_exceptions=True)
+        except (TimeoutError, RuntimeError) as e:
+            logger.warning("tier replica broadcast failed: %s", e)
+            return ids
+        ids = sorted(r for r in results if isinstance(r, str))
+        self._replicas = (time.monotonic(), ids)
+        return ids
+
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     tokenizer: Any) -> AsyncIterator[TierOutput | ErrorResponse]:
+                     tokenizer: Any, hint: str | None = None) -> AsyncIterator[TierOutput | ErrorResponse]:
         """Yield the request's deltas; after an `ErrorResponse` nothing follows.
+
+        `hint` is a `routing.py` placement hint for the first submission; a resubmission goes anywhere.
 
         Resumption keeps greedy output identical: the new replica prefills prompt + produced tokens
         and continues. Its text covers only the new tokens, so after a resubmission the text is
@@ -223,14 +288,17 @@ class TierClient:
                 yield TierOutput([], "", None, "length", True)
                 return
             sub_params = params if attempt == 0 else dataclasses.replace(
-                params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - len(produced)))
+                params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - len(produced)),
+                thinking_budget=self.remaining_budget(params.thinking_budget, produced))
             request = TierRequest(request_id if attempt == 0 else f"{request_id}.r{attempt}",
                                   list(prompt_token_ids) + produced, sub_params)
             responses = None
             live = False  # the replica may still be working on it: cancel if we leave early
             assigned = False
             try:
-                responses = self.handle.options(stream=True).generate.remote(request)
+                handle = self.handle.options(stream=True, session_id=hint) if hint and attempt == 0 else (
+                    self.handle.options(stream=True))
+                responses = handle.generate.remote(request)
                 live = True
                 async for item in responses:
                     assigned = True
@@ -285,6 +353,12 @@ class TierClient:
                 yield unavailable("AttentionTier streams kept ending early", retry_after_s=self.retry_after_s)
                 return
             resumed = True
+
+    def remaining_budget(self, budget: int | None, produced: list[int]) -> int | None:
+        """A thinking budget for a request resumed after `produced` output tokens (see `ReasoningTokens`)."""
+        if budget is None or self.reasoning_tokens is None:
+            return budget
+        return self.reasoning_tokens.remaining_budget(budget, produced)
 
 
 def _cancel(responses: Any, assigned: bool) -> None:

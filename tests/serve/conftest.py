@@ -27,13 +27,31 @@ from raymoe.engine.request import CompletionOutput, RequestMetrics, RequestOutpu
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-raymoe-test"
 
+
+def _call(name: str, arguments: str, index: int = 0) -> str:
+    return (f"<|tool_call_begin|>functions.{name}:{index}<|tool_call_argument_begin|>{arguments}"
+            "<|tool_call_end|>")
+
+
+def _calls(*calls: str) -> str:
+    return f"<|tool_calls_section_begin|>{''.join(calls)}<|tool_calls_section_end|><|im_end|>"
+
+
+_THINK = "<think>The user wants the weather, I should call the tool.</think>"
 SCRIPTS = {
-    "weather": ('<think>The user wants the weather, I should call the tool.</think>'
-                '<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'
-                '<|tool_call_argument_begin|>{"city": "Paris", "unit": "celsius"}<|tool_call_end|>'
-                '<|tool_calls_section_end|><|im_end|>'),
+    "weather": _THINK + _calls(_call("get_weather", '{"city": "Paris", "unit": "celsius"}')),
     "answer": "<think>Two plus two is four.</think>The answer is 4.<|im_end|>",
+    # tool-call validation (tests declare get_weather(city: string, required))
+    "undeclared": _THINK + "Checking." + _calls(_call("get_stock", '{"ticker": "ACME"}')),
+    "badjson": _THINK + _calls(_call("get_weather", '{"city": "Paris"')),
+    "schema": _THINK + _calls(_call("get_weather", '{"town": "Paris"}')),
+    "badjson_fixed": _THINK + _calls(_call("get_weather", '{"city": "Paris"')),
+    "valid_then_undeclared": "<think>Two calls.</think>" + _calls(_call("get_weather", '{"city": "Oslo"}'),
+                                             _call("get_stock", '{"ticker": "ACME"}', 1)),
 }
+# What a re-sampled attempt writes after the kept prefix (from the bad call's begin marker on); scripts not
+# listed repeat their bad call, so re-sampling runs out of attempts.
+RESAMPLED = {"badjson_fixed": _call("get_weather", '{"city": "Paris"}') + "<|tool_calls_section_end|><|im_end|>"}
 
 
 def _metrics(arrival: float) -> RequestMetrics:
@@ -44,8 +62,10 @@ def _metrics(arrival: float) -> RequestMetrics:
 class ScriptedEngine:
     """The real tiny `AsyncEngine`, except prompts tagged `SCRIPT:<name>` replay `SCRIPTS[name]`.
 
-    `SCRIPT:die` marks the engine dead (as after a failed step): that request and later ones get
-    `EngineDeadError` and `is_healthy` turns False.
+    A prompt that already ends with the script's output up to one of its tool-call begin markers is a
+    re-sampled attempt (the ingress rewinds to a rejected call): the replay continues from there with
+    `RESAMPLED[name]`, or the script's own rest. `SCRIPT:die` marks the engine dead (as after a failed
+    step): that request and later ones get `EngineDeadError` and `is_healthy` turns False.
     """
 
     def __init__(self, inner: Any):
@@ -75,12 +95,18 @@ class ScriptedEngine:
         if "SCRIPT:die" in prompt:
             self.dead = True
             raise EngineDeadError("engine step failed: scripted death")
-        name = next((n for n in SCRIPTS if f"SCRIPT:{n}" in prompt), None)
+        name = max((n for n in SCRIPTS if f"SCRIPT:{n}" in prompt), key=len, default=None)  # badjson_fixed wins
         if name is None:
             async for out in self.inner.generate(request_id, prompt_token_ids, params):
                 yield out
             return
         ids = self.tokenizer.encode(SCRIPTS[name], add_special_tokens=False)
+        begin = self.tokenizer.convert_tokens_to_ids("<|tool_call_begin|>")
+        for cut in (i for i, t in enumerate(ids) if t == begin):
+            if prompt_token_ids[-cut:] == ids[:cut]:
+                rest = RESAMPLED.get(name)
+                ids = self.tokenizer.encode(rest, add_special_tokens=False) if rest else ids[cut:]
+                break
         arrival = time.monotonic()
         for i, tid in enumerate(ids[: params.max_tokens]):
             await asyncio.sleep(0.002)
@@ -165,8 +191,9 @@ def cluster() -> Any:
     env = {"RAYMOE_CACHE": cache, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     temp = tempfile.mkdtemp(prefix="rms", dir="/tmp")
+    # Metrics reach the agent every second (default 10 s), so /metrics tests poll briefly.
     ray.init(num_cpus=4, _temp_dir=temp, include_dashboard=False, log_to_driver=bool(os.environ.get("RAYMOE_LOGS")),
-             runtime_env={"env_vars": env})
+             runtime_env={"env_vars": env}, _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -181,7 +208,10 @@ def cluster() -> Any:
 def main_app(cluster: Cluster) -> str:
     """Base URL of the shared app: scripted tiny engine, API key required."""
     limits = {"max_body_bytes": 256 << 10, "max_prompt_tokens": 1024}
-    return cluster.deploy("main", "/", tiny_config(api_keys=[API_KEY], limits=limits), engine_factory=SCRIPTED)
+    # Heavy Mode off here (tested on its own app; it keeps the fuzzer's requests cheap); small effort budgets.
+    config = tiny_config(api_keys=[API_KEY], limits=limits, heavy={"enabled": False},
+                         reasoning={"low": 3, "medium": 6, "high": 12, "max_budget": 64})
+    return cluster.deploy("main", "/", config, engine_factory=SCRIPTED)
 
 
 @pytest.fixture(scope="session")
@@ -194,3 +224,17 @@ def model_name(main_app: str, auth: dict[str, str]) -> str:
     import httpx
 
     return httpx.get(f"{main_app}/v1/models", headers=auth).json()["data"][0]["id"]
+
+
+def poll_metrics(url: str, pattern: str, headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> str:
+    """/metrics text once `pattern` (a regex) matches it: Ray exports recorded metrics with a delay."""
+    import re
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=30).text
+        if re.search(pattern, text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)

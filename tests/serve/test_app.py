@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, SCRIPTED, tiny_config
+from tests.serve.conftest import API_KEY, SCRIPTED, poll_metrics, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -146,15 +147,24 @@ def test_completions_accept_text_batches_and_token_ids(main_app):
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: both choices of prompt 0 agree
     assert len(body["choices"][0]["logprobs"]["tokens"]) == body["choices"][0]["logprobs"]["text_offset"].__len__()
-    ids = post(main_app, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "return_token_ids": True}).json()
+    ids = post(main_app, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "return_token_ids": True,
+                                             "ignore_eos": True}).json()
     assert ids["prompt_token_ids"] == [[5, 6, 7]] and len(ids["choices"][0]["token_ids"]) == 3
 
 
-def test_metrics_expose_requests_and_engine_stats(main_app, auth):
-    post(main_app, CHAT, {"messages": msg("count me"), "max_tokens": 2})
-    text = httpx.get(f"{main_app}/metrics", headers=auth).text
-    assert 'raymoe_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text
-    assert "raymoe_http_request_duration_seconds_bucket" in text and "raymoe_time_to_first_token_seconds" in text
+def test_metrics_expose_ray_series_and_live_engine_stats(main_app, auth):
+    post(main_app, CHAT, {"messages": msg("count me"), "max_tokens": 2, "stream": True})
+    post(main_app, CHAT, {"messages": msg("x"), "temperature": "hot"})
+    wanted = r'ray_raymoe_requests_total\{[^}]*route="/v1/chat/completions"[^}]*status="200"[^}]*\} [1-9]'
+    text = poll_metrics(main_app, wanted, auth)
+    assert re.search(wanted, text), text[-3000:]
+    errors = r'ray_raymoe_request_errors_total\{[^}]*type="invalid_request_error"'
+    text = poll_metrics(main_app, errors, auth)
+    for series in ("ray_raymoe_time_to_first_token_seconds_bucket", "ray_raymoe_e2e_request_latency_seconds_bucket",
+                   "ray_raymoe_prompt_tokens_total", "ray_raymoe_generation_tokens_total",
+                   "ray_raymoe_inter_token_latency_seconds_bucket", "ray_raymoe_requests_in_flight{"):
+        assert series in text, series
+    assert re.search(errors, text)
     assert "raymoe_engine_replicas 1.0" in text and "raymoe_engine_num_generated_tokens_total{replica=" in text
 
 

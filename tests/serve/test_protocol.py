@@ -9,19 +9,10 @@ from pydantic import ValidationError
 
 from raymoe.config import DeploymentConfig, ServeConfig
 from raymoe.serve.builders import deployment_options, validate_config
+from raymoe.serve.choices import ChatChoiceState, ReasoningOnlyParser, TextChoiceState, TokenText
 from raymoe.serve.errors import resolve_api_keys
-from raymoe.serve.ingress import merge_streams
-from raymoe.serve.protocol import (
-    ChatChoiceState,
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-    ReasoningOnlyParser,
-    TextChoiceState,
-    TokenText,
-    bad_request,
-    unavailable,
-)
+from raymoe.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, bad_request, unavailable
+from raymoe.serve.respond import merge_streams
 
 
 class CharTokenizer:
