@@ -58,7 +58,7 @@ def test_locust_run_against_raymoe_serve_has_no_failures_and_output_tokens(tmp_p
     monkeypatch.setenv("RAYMOE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     code = loadtest.loadtest_main(["-u", "8", "-t", "20s", "--prompt-tokens", "32", "--output-tokens", "16",
-                                   "--stop-timeout", "15", "--ready-timeout", "90", "--out", str(out)])
+                                   "--stop-timeout", "15", "--ready-timeout", "240", "--out", str(out)])
     results = json.loads((out / "summary.json").read_text())
     assert len(results) == 1
     result = results[0]
