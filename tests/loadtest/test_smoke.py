@@ -52,7 +52,7 @@ def marked_children(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(360)
 @pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed")
 def test_locust_run_against_raymoe_serve_has_no_failures_and_output_tokens(tmp_path, monkeypatch, marked_children):
     monkeypatch.setenv("RAYMOE_CACHE", str(tmp_path / "cache"))
