@@ -42,11 +42,8 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_status(ns: argparse.Namespace) -> int:
-    try:
-        from raymoe.serve.status import status_main
-    except ImportError:  # the observability issue (#7) adds it
-        print("raymoe status: not yet implemented in this build", file=sys.stderr)
-        return 2
+    from raymoe.serve.status import status_main
+
     return status_main(ns)
 
 

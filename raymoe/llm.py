@@ -15,7 +15,8 @@ from raymoe.engine.request import RequestOutput, SamplingParams, merge_outputs
 
 _MODEL_KEYS = {"dtype", "int4_mode", "seed", "served_model_name"}
 _PARALLEL_KEYS = {"num_expert_shards", "transport", "num_redundant_experts", "expert_group", "address", "shard_num_gpus",
-                  "recovery_timeout_s", "max_restarts", "expert_resource", "shard_num_cpus"}
+                  "recovery_timeout_s", "max_restarts", "expert_resource", "shard_num_cpus",
+                  "per_expert_metrics"}
 
 
 def config_from_kwargs(model: str | None, preset: str | None, kwargs: dict[str, Any]) -> RayMoEConfig:

@@ -13,6 +13,9 @@ no state between calls and the engine still holds x, so the retried layer gives 
 the step goes on: no hook in EngineCore is needed. If the shard does not return in time, the
 RuntimeError raised here fails the step (and its requests) instead of hanging.
 
+Load and faults are also exported to Prometheus when the builder installs `metrics`
+(observability/dispatch_metrics.py): tokens per shard, sampled latency, retries and restarts.
+
 Tensor letters: T tokens, K experts per token, D model dim, E experts, N shards, M dispatched rows.
 """
 
@@ -20,11 +23,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
 from raymoe.dispatch.routing import RoutingMetadata, build_routing, combine
 from raymoe.experts.placement import ExpertPlacement
+
+if TYPE_CHECKING:
+    from raymoe.observability.dispatch_metrics import DispatchMetrics
 
 
 class ShardFailure(Exception):
@@ -40,6 +47,11 @@ class Dispatcher(ABC):
         self.recovery_times: list[float] = []  # seconds from first failure to a successful retry
         self._expert_load: dict[int, torch.Tensor] = {}  # layer -> [E] (token, expert) pairs
         self._shard_tokens: dict[int, torch.Tensor] = {}  # layer -> [N] rows (tokens) sent per shard
+        self.metrics: DispatchMetrics | None = None  # Prometheus export, installed by the engine builder
+        # Per-shard round trips of the last timed exchange (shard -> s), filled by transports that can
+        # see each shard answer separately (ray); a collective transport finishes all shards at once.
+        self.time_shards = False
+        self.shard_seconds: dict[int, float] = {}
 
     def __call__(self, layer_id: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
@@ -49,6 +61,11 @@ class Dispatcher(ABC):
         self._record(layer_id, topk_ids, routing)
         if routing.num_rows == 0:
             return torch.zeros_like(x)
+        metrics = self.metrics
+        timed = metrics is not None and metrics.want_latency()
+        start = time.perf_counter() if timed else 0.0
+        self.time_shards = timed
+        self.shard_seconds = {}
         first_failure: float | None = None
         while True:
             try:
@@ -56,6 +73,8 @@ class Dispatcher(ABC):
                     remaining = self.recovery_timeout_s - (time.monotonic() - first_failure)
                     self.wait_recovered(max(remaining, 0.0))  # RuntimeError naming a shard that stays away
                     self.reform()
+                    if metrics is not None:
+                        metrics.record_retry()
                 partial = self.exchange(layer_id, x, routing)  # [M,D] fp32
                 break
             except ShardFailure as failure:
@@ -65,7 +84,12 @@ class Dispatcher(ABC):
                                        f"(layer {layer_id}: {failure})") from failure
         if first_failure is not None:
             self.recovery_times.append(time.monotonic() - first_failure)
-        return combine(partial, routing, x.dtype)
+            if metrics is not None:
+                metrics.record_recovered()
+        out = combine(partial, routing, x.dtype)
+        if metrics is not None and timed and first_failure is None:  # a recovery's wait is not latency
+            metrics.observe_latency(time.perf_counter() - start, routing.offsets, self.shard_seconds)
+        return out
 
     # -- the transport --------------------------------------------------------------------------
     @abstractmethod
@@ -104,6 +128,8 @@ class Dispatcher(ABC):
         self._expert_load[layer_id] = load if prev is None else prev + load
         prev = self._shard_tokens.get(layer_id)
         self._shard_tokens[layer_id] = routing.counts if prev is None else prev + routing.counts
+        if self.metrics is not None:
+            self.metrics.add_tokens(layer_id, routing.counts, load)
 
     @property
     def expert_load(self) -> dict[int, torch.Tensor]:

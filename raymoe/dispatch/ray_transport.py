@@ -11,6 +11,7 @@ Dispatcher answers by waiting for the restart and re-running the layer.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import ray
@@ -32,17 +33,31 @@ class RayDispatcher(Dispatcher):
 
     def exchange(self, layer_id: int, x: torch.Tensor, routing: RoutingMetadata) -> torch.Tensor:
         packed = pack_rows(dispatch_rows(x, routing), routing.slots, routing.topk_weights).cpu()
-        refs = []
+        start = time.perf_counter()
+        refs, shard_of = [], {}
         for s in range(self.placement.num_shards):
             lo, hi = routing.offsets[s], routing.offsets[s + 1]
             if hi > lo:
                 # clone: pickling a view would ship the whole packed buffer to every shard
                 refs.append(self.pool.handles[s].forward_packed.remote(layer_id, packed[lo:hi].clone()))
+                shard_of[refs[-1]] = s
         try:
+            if self.time_shards:  # sampled by the metrics: note when each shard's rows come back
+                self._time_each(shard_of, start)
             parts = ray.get(refs, timeout=self.recovery_timeout_s)
         except (RayActorError, GetTimeoutError) as e:
             raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         return torch.cat(parts).to(x.device)
+
+    def _time_each(self, shard_of: dict, start: float) -> None:
+        pending, deadline = list(shard_of), start + self.recovery_timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.perf_counter(), 0.0))
+            if not ready:
+                raise GetTimeoutError(f"no answer from shard(s) {sorted(shard_of[r] for r in pending)} "
+                                      f"within {self.recovery_timeout_s} s")
+            for ref in ready:
+                self.shard_seconds[shard_of[ref]] = time.perf_counter() - start
 
     def wait_recovered(self, timeout_s: float) -> None:
         self.pool.wait_recovered(timeout_s)

@@ -5,11 +5,13 @@ config.parallel → [Ray: join or start] → [ExpertPool: N ExpertWorker actors]
 
 With `num_redundant_experts` > 0 the engine measures per-expert load on a short seeded calibration
 forward, then adds that many replicas per layer (EPLB); `rebalance()` redoes it later from live load.
+The dispatcher exports expert load, latency and faults to Prometheus (observability/dispatch_metrics.py),
+calibration excluded.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +21,9 @@ from raymoe.engine.core import EngineCore
 from raymoe.experts.placement import ExpertPlacement
 from raymoe.model.args import ModelArgs
 from raymoe.model.moe import MoE
+
+if TYPE_CHECKING:
+    from raymoe.observability.dispatch_metrics import DispatchMetrics
 
 CALIBRATION_TOKENS = 256  # one dense forward; enough to see a skewed router, cheap even for K2
 CALIBRATION_SEED = 0
@@ -57,11 +62,17 @@ class ExpertParallelEngine(EngineCore):
         ids = torch.randint(0, self.args.vocab_size, (num_tokens,), generator=gen).to(device)
         self.runner.model(ids, torch.arange(num_tokens, device=device))
 
+    def flush_metrics(self) -> None:
+        """Export the expert-load counts accumulated so far (AsyncEngine calls this when it goes idle)."""
+        if self.dispatcher.metrics is not None:
+            self.dispatcher.metrics.flush()
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
+            self.flush_metrics()
             self.dispatcher.close()
         finally:
             self.pool.close()
@@ -112,7 +123,17 @@ def build_expert_parallel_engine(config: RayMoEConfig, *, device: str | torch.de
         except BaseException:
             engine.close()
             raise
+    dispatcher.metrics = _dispatch_metrics(config, args, placement, pool)  # after calibration: served load only
     return engine
+
+
+def _dispatch_metrics(config: RayMoEConfig, args: ModelArgs, placement: ExpertPlacement, pool: Any) -> DispatchMetrics:
+    from raymoe.observability.dispatch_metrics import DispatchMetrics, shard_incarnations
+    from raymoe.observability.engine_metrics import replica_tag
+
+    return DispatchMetrics(placement.num_shards, args.n_routed_experts, engine=replica_tag(),
+                           per_expert=config.parallel.per_expert_metrics,
+                           incarnations_fn=lambda: shard_incarnations(pool.handles))
 
 
 def _make_dispatcher(config: RayMoEConfig, pool: Any, placement: ExpertPlacement, device: torch.device,

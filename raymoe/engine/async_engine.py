@@ -22,6 +22,7 @@ from typing import Any
 
 from raymoe.engine.core import EngineCore
 from raymoe.engine.request import RequestOutput, SamplingParams, merge_outputs
+from raymoe.observability.engine_metrics import EngineMetrics
 
 
 class EngineDeadError(RuntimeError):
@@ -44,6 +45,7 @@ class AsyncEngine:
         self._idle_wait_s = idle_wait_s
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
+        self.metrics = EngineMetrics(core)  # built here: replica_tag() needs the Serve context
         self._thread = threading.Thread(target=self._loop, name="raymoe-engine", daemon=True)
         self._thread.start()
 
@@ -144,10 +146,12 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._drain_inbox()
             if not self.core.has_unfinished():
+                self.metrics.on_idle()
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
                 continue
             try:
+                start = time.perf_counter()
                 outputs = self.core.step()
             except BaseException as e:  # fatal: fail every live stream, never hang them
                 self.error = e
@@ -155,6 +159,7 @@ class AsyncEngine:
                 for rid in list(self._sinks):
                     self._deliver(rid, err)
                 return
+            self.metrics.on_step(time.perf_counter() - start)
             self.last_step_time = time.monotonic()
             for out in outputs:
                 self._deliver(out.request_id, out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,16 @@ class _Stream:
     reasoning_tokens: int = 0  # thinking-budget accounting (tokens before </think>)
     reasoning_closed: bool = False
 
+BATCH_HISTORY = 4096
+
 
 @dataclass
 class EngineStats:
     num_steps: int = 0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    # sequences per step, the most recent BATCH_HISTORY steps (bounded: a server runs for months)
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=BATCH_HISTORY))
 
 
 class EngineCore:

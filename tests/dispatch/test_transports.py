@@ -22,6 +22,7 @@ from raymoe.experts.compute import LoopExperts
 from raymoe.experts.placement import ExpertPlacement
 from raymoe.llm import LLM
 from raymoe.model.loader import Checkpoint
+from raymoe.observability.dispatch_metrics import DispatchMetrics
 
 from .conftest import SHARD_KW, TOL, generate_ids, local_greedy
 
@@ -138,6 +139,13 @@ def test_ray_and_collective_dispatchers_match_local(ray_cluster, make_ckpt, dtyp
     try:
         reference = _local(path, placement, dtype)
         _assert_same(RayDispatcher(pool, placement), reference, args, dtype)
+        # with latency sampling on, the ray transport times each shard's answer; results are unchanged
+        timed = RayDispatcher(pool, placement)
+        timed.metrics = DispatchMetrics(3, args.n_routed_experts, engine="t", latency_interval_s=0)
+        x, ids, w = _inputs(args, 33, dtype)
+        torch.testing.assert_close(timed(1, x, ids, w), reference(1, x, ids, w))
+        used = {s for s in range(3) if int(timed.shard_tokens[s]) > 0}
+        assert used and set(timed.shard_seconds) == used and all(v > 0 for v in timed.shard_seconds.values())
         collective = CollectiveDispatcher(pool, placement)
         _assert_same(collective, reference, args, dtype)
         stats = pool.load_stats()
