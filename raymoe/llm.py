@@ -69,7 +69,7 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(token_lists):
                 raise ValueError(f"{len(params)} sampling_params for {len(token_lists)} prompts")
-        ids = [self.engine.add_request(toks, p) for toks, p in zip(token_lists, params)]
+        ids = [self.engine.add_request(toks, p, final_only=True) for toks, p in zip(token_lists, params)]
         acc: dict[str, RequestOutput] = {}
         try:
             while self.engine.has_unfinished():

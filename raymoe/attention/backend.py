@@ -36,11 +36,9 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] where each new token's latent is written
     decode_token_idx: torch.Tensor  # [Bd] positions in the flat batch of decode tokens
-    decode_slots: torch.Tensor  # [Bd, L] context slots, padded with 0
-    decode_mask: torch.Tensor  # [Bd, L] True where a real context token
-    decode_bias: torch.Tensor  # [Bd, 1, L] fp32: 0 on real context, -inf on padding (added to scores)
-    decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32 (for the Triton decode kernel)
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32, padded with block 0
     decode_seq_lens: torch.Tensor  # [Bd] int32
+    decode_bias: torch.Tensor  # [Bd, 1, max_blocks * block_size] fp32: 0 on real context, -inf past the end
     prefill: PrefillBatch | None
     num_tokens: int
     all_decode: bool  # every token is a decode token, in flat order (skip the gather/scatter)
@@ -70,27 +68,26 @@ def build_metadata(
     for qlen, ctx, table in zip(query_lens, context_lens, block_tables):
         total = ctx + qlen
         assert len(table) * block_size >= total, "block table too short for the sequence"
-        slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(ctx, total)]
         if qlen == 1:
+            slot_mapping.append(table[ctx // block_size] * block_size + ctx % block_size)
             dec_idx.append(start)
             dec_tables.append(table)
             dec_lens.append(total)
         else:
+            slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(ctx, total)]
             pre.append((start, qlen, ctx, table))
         start += qlen
     if dec_idx:
-        max_len = max(dec_lens)
-        max_blocks = (max_len + block_size - 1) // block_size
+        max_blocks = (max(dec_lens) + block_size - 1) // block_size
         tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in dec_tables],
-                              dtype=torch.long)
-        pos = torch.arange(max_len)
-        dec_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [Bd, L]
-        dec_mask = pos.unsqueeze(0) < torch.tensor(dec_lens).unsqueeze(1)
-        dec_slots = torch.where(dec_mask, dec_slots, torch.zeros_like(dec_slots))
+                              dtype=torch.int32)
+        seq_lens = torch.tensor(dec_lens, dtype=torch.int32)
+        past_end = torch.arange(max_blocks * block_size).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [Bd, L]
+        bias = torch.zeros(past_end.shape, dtype=torch.float32).masked_fill_(past_end, float("-inf")).unsqueeze(1)
     else:
-        tables = torch.zeros(0, 0, dtype=torch.long)
-        dec_slots = torch.zeros(0, 0, dtype=torch.long)
-        dec_mask = torch.zeros(0, 0, dtype=torch.bool)
+        tables = torch.zeros(0, 0, dtype=torch.int32)
+        seq_lens = torch.zeros(0, dtype=torch.int32)
+        bias = torch.zeros(0, 1, 0, dtype=torch.float32)
     prefill = None
     if pre:
         q_max = max(q for _, q, _, _ in pre)
@@ -110,12 +107,9 @@ def build_metadata(
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=device),
-        decode_slots=dec_slots.to(device),
-        decode_mask=dec_mask.to(device),
-        decode_bias=torch.zeros(dec_mask.shape, dtype=torch.float32).masked_fill_(~dec_mask, float("-inf"))
-        .unsqueeze(1).to(device),
-        decode_block_tables=tables.to(device=device, dtype=torch.int32),
-        decode_seq_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
+        decode_block_tables=tables.to(device),
+        decode_seq_lens=seq_lens.to(device),
+        decode_bias=bias.to(device),
         prefill=prefill,
         num_tokens=start,
         all_decode=not pre,
@@ -169,10 +163,15 @@ class PagedMLAAttention:
             return mla_decode(q_lat, q_pe, self.kv_cache[layer_id], md.decode_block_tables, md.decode_seq_lens,
                               scale)
         C = self.kv_lora_rank
-        cache = self.kv_cache[layer_id].view(-1, self.kv_cache.shape[-1])
-        kv = cache[md.decode_slots]  # [Bd, L, C+R]
-        kv_c, kv_r = kv[..., :C], kv[..., C:]
-        scores = torch.einsum("bhc,blc->bhl", q_lat, kv_c) + torch.einsum("bhr,blr->bhl", q_pe, kv_r)
-        # additive mask built once per step: cheaper than a masked_fill per layer
-        p = torch.softmax(scores.float().mul_(scale).add_(md.decode_bias), dim=-1).to(kv_c.dtype)
-        return torch.einsum("bhl,blc->bhc", p, kv_c)
+        # Whole blocks through the block table (index_select: ~3x faster than per-slot advanced
+        # indexing on CPU), then one bmm over latent+rope: q·[c_kv | k_pe] = q_lat·c_kv + q_pe·k_pe.
+        pages = self.kv_cache[layer_id]  # [num_blocks, block_size, C+R]
+        Bd = q_lat.shape[0]
+        kv = pages.index_select(0, md.decode_block_tables.view(-1)).view(Bd, -1, pages.shape[-1])  # [Bd, L, C+R]
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [Bd, H, C+R]
+        k = kv.transpose(1, 2)
+        if kv.dtype != torch.float32:  # scores and softmax in fp32
+            q, k = q.float(), k.float()
+        scores = torch.baddbmm(md.decode_bias, q, k, alpha=scale)  # [Bd, H, L] fp32, -inf past each end
+        p = torch.softmax(scores, dim=-1).to(kv.dtype)
+        return torch.bmm(p, kv)[..., :C]  # the rope columns of the product are dropped (R of C+R: cheap)

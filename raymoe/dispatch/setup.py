@@ -101,7 +101,8 @@ def build_expert_parallel_engine(config: RayMoEConfig, *, device: str | torch.de
     try:
         shard_device = "cuda" if pcfg.shard_num_gpus > 0 else "cpu"
         pool = ExpertPool.create_or_join(pcfg, model_path=path, dtype=config.model.dtype,
-                                         int4_mode=config.model.int4_mode, placement=placement, device=shard_device)
+                                         int4_mode=config.model.int4_mode, placement=placement, device=shard_device,
+                                         kernels=config.kernels.backend)
         dispatcher = _make_dispatcher(config, pool, placement, torch.device(device), shard_device)
         for module in model.modules():
             if isinstance(module, MoE):

@@ -38,6 +38,9 @@ def load_engine_parts(config: RayMoEConfig, *, device: str | torch.device = "cpu
     ckpt = Checkpoint(path)
     if local_experts is None:
         local_experts = config.parallel.num_expert_shards == 0
+    from raymoe.engine.model_runner import resolve_kernels_backend
+
     model = build_model(ckpt, dtype=config.model.dtype, int4_mode=config.model.int4_mode,
-                        local_experts=local_experts, device=device)
+                        local_experts=local_experts, device=device,
+                        moe_kernel=resolve_kernels_backend(config.kernels.backend, torch.device(device)))
     return model, ckpt.args, load_tokenizer(path), path

@@ -5,9 +5,9 @@
 `LoopExperts` is the reference: one `RoutedExperts` per layer under the checkpoint's own names
 (`model.layers.{L}.mlp.experts.{e}.*`), so `load_weights` reads exactly this shard's tensors and
 nothing else (INT4 stays packed in `Int4Linear`, or is dequantized when `int4_mode="dequant"`).
-Tokens are batched per expert (one GEMM per expert present in the rows). Ids < 0 (pairs computed by
-another shard) are skipped. The sum stays fp32: the engine adds the shards' partials and rounds once.
-A grouped-GEMM implementation can replace the loop behind the same interface.
+The sum is `RoutedExperts.partial_sum` (a padded grouped GEMM over stacked weights, or one GEMM per
+expert present in the rows: INT4). Ids < 0 (pairs computed by another shard) are skipped. The sum stays fp32: the engine adds the shards' partials and rounds once.
+A fused kernel can replace it behind the same interface.
 
 Tensor letters: M rows (dispatched tokens), K experts per token, D model dim.
 """
@@ -39,39 +39,47 @@ class ExpertsCompute(ABC):
 
 
 def _layer(args: ModelArgs, layer_id: int, expert_ids: Sequence[int], *, int4: bool,
-           dtype: torch.dtype) -> RoutedExperts:
+           dtype: torch.dtype, kernel: str = "torch") -> RoutedExperts:
     q = args.quantization
     quantized = int4 and q is not None and q.is_quantized(f"model.layers.{layer_id}.mlp.experts.0.gate_proj")
-    return RoutedExperts(args, expert_ids, quantized=quantized, dtype=dtype)
+    layer = RoutedExperts(args, expert_ids, quantized=quantized, dtype=dtype)
+    layer.set_kernel(kernel)
+    return layer
 
 
 class LoopExperts(nn.Module, ExpertsCompute):
     """A shard's experts: module tree `model.layers.{L}.mlp.experts` = RoutedExperts (checkpoint names)."""
 
     def __init__(self, args: ModelArgs, experts: Mapping[int, Sequence[int]], *, int4: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, kernel: str = "torch") -> None:
         super().__init__()
-        self.args, self.int4, self.dtype = args, int4, dtype
+        self.args, self.int4, self.dtype, self.kernel = args, int4, dtype, kernel
         bad = [layer_id for layer_id in experts if not args.is_moe_layer(layer_id)]
         if bad:
             raise ValueError(f"layers {bad} are not MoE layers of this model")
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({
             str(layer_id): nn.ModuleDict({"mlp": nn.ModuleDict({"experts": _layer(args, layer_id, ids, int4=int4,
-                                                                                  dtype=dtype)})})
+                                                                                  dtype=dtype, kernel=kernel)})})
             for layer_id, ids in experts.items()
         })
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, experts: Mapping[int, Sequence[int]], *, int4: bool,
-                        dtype: torch.dtype, device: str | torch.device = "cpu") -> LoopExperts:
+                        dtype: torch.dtype, device: str | torch.device = "cpu", kernel: str = "torch") -> LoopExperts:
         """Build on `meta`, then read only these experts' tensors from `ckpt` onto `device`."""
         with torch.device("meta"):
-            module = cls(ckpt.args, experts, int4=int4, dtype=dtype)
+            module = cls(ckpt.args, experts, int4=int4, dtype=dtype, kernel=kernel)
         module.to_empty(device=device)
         with torch.device(device):
             load_weights(module, ckpt)
+        module.fuse()
         return module.eval()
+
+    def fuse(self) -> None:
+        """Stack each layer's unquantized expert weights for the grouped GEMM (see RoutedExperts.fuse)."""
+        for key in self.model.layers:
+            self.layer(int(key)).fuse()
 
     def layer(self, layer_id: int) -> RoutedExperts:
         return self.model.layers[str(layer_id)]["mlp"]["experts"]  # type: ignore[index,return-value]
@@ -90,7 +98,7 @@ class LoopExperts(nn.Module, ExpertsCompute):
             if not new:
                 continue
             with torch.device("meta"):
-                fresh = _layer(self.args, layer_id, new, int4=self.int4, dtype=self.dtype)
+                fresh = _layer(self.args, layer_id, new, int4=self.int4, dtype=self.dtype, kernel=self.kernel)
             fresh.to_empty(device=device)
             holder = nn.Module()  # gives `fresh` its checkpoint names for load_weights
             holder.model = nn.Module()
@@ -98,11 +106,12 @@ class LoopExperts(nn.Module, ExpertsCompute):
                 {"experts": fresh})})})
             with torch.device(device):
                 loaded += load_weights(holder, ckpt)
-            merged = _layer(self.args, layer_id, [], int4=self.int4, dtype=self.dtype)
+            merged = _layer(self.args, layer_id, [], int4=self.int4, dtype=self.dtype, kernel=self.kernel)
             old = self.layer(layer_id) if have else None
             for e in sorted(have | set(new)):
                 merged[str(e)] = (old if e in have else fresh)[str(e)]  # type: ignore[index]
             merged.expert_ids = sorted(have | set(new))
+            merged.fuse()
             if str(layer_id) in self.model.layers:
                 self.model.layers[str(layer_id)]["mlp"]["experts"] = merged  # type: ignore[index]
             else:
@@ -115,20 +124,4 @@ class LoopExperts(nn.Module, ExpertsCompute):
         num_rows, k = topk_ids.shape
         if num_rows == 0:
             return torch.zeros(0, x.shape[1], dtype=torch.float32, device=x.device)
-        experts = self.layer(layer_id)
-        flat_ids = topk_ids.reshape(-1)  # [M*K]
-        flat_w = topk_weights.reshape(-1).float()
-        order = torch.argsort(flat_ids, stable=True)
-        present, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-        # One output row per (row, k) pair, written once, then a sum over K: the same order of fp32
-        # additions as RoutedExperts (and ~10x faster than index_add_ at prefill sizes on CPU).
-        pair_out = torch.zeros(num_rows * k, x.shape[1], dtype=torch.float32, device=x.device)
-        start = 0
-        for e, n in zip(present.tolist(), counts.tolist()):
-            pairs = order[start:start + n]  # (row, k) pairs routed to expert e
-            start += n
-            expert = experts._modules.get(str(e)) if e >= 0 else None
-            if expert is None:
-                continue
-            pair_out[pairs] = expert(x[pairs // k]).float() * flat_w[pairs, None]
-        return pair_out.view(num_rows, k, -1).sum(dim=1)
+        return self.layer(layer_id).partial_sum(x, topk_ids, topk_weights)  # ids < 0 are skipped

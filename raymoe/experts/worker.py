@@ -119,11 +119,12 @@ class ShardSpec:
     experts: dict[int, list[int]] = field(default_factory=dict)
     device: str = "cpu"
     num_threads: int = 1  # torch intra-op threads: the CPUs the shard reserved (at least 1)
+    kernels: str = "auto"  # kernels.backend, resolved by the worker for its own device
 
     def identity(self) -> dict[str, Any]:
         """What a joining engine must agree on (the expert set may grow with EPLB replicas)."""
         d = asdict(self)
-        del d["experts"], d["num_threads"]
+        del d["experts"], d["num_threads"], d["kernels"]
         return d
 
 
@@ -143,8 +144,11 @@ class ExpertWorker:
         self.dtype = resolve_dtype(spec.dtype, args)
         int4 = args.quantization is not None and spec.int4_mode == "packed"
         self.device = torch.device(spec.device)
+        from raymoe.engine.model_runner import resolve_kernels_backend
+
         self.compute = LoopExperts.from_checkpoint(self.ckpt, spec.experts, int4=int4, dtype=self.dtype,
-                                                   device=self.device)
+                                                   device=self.device,
+                                                   kernel=resolve_kernels_backend(spec.kernels, self.device))
         self.hidden_size, self.top_k, self.num_experts = args.hidden_size, args.num_experts_per_tok, \
             args.n_routed_experts
         self._lock = threading.Lock()
@@ -268,10 +272,10 @@ class ExpertPool:
 
     @classmethod
     def create_or_join(cls, pcfg: ParallelConfig, *, model_path: str, dtype: str, int4_mode: str,
-                       placement: ExpertPlacement, device: str = "cpu") -> ExpertPool:
+                       placement: ExpertPlacement, device: str = "cpu", kernels: str = "auto") -> ExpertPool:
         threads = max(1, math.floor(pcfg.shard_num_cpus))
         specs = [ShardSpec(model_path, dtype, int4_mode, pcfg.expert_group, s, placement.num_shards,
-                           placement.shard_experts(s), device, threads) for s in range(placement.num_shards)]
+                           placement.shard_experts(s), device, threads, kernels) for s in range(placement.num_shards)]
         return cls(pcfg, specs)
 
     @property

@@ -57,6 +57,8 @@ class DeepseekModel(nn.Module):
             DecoderLayer(args, i, dtype=dtype, local_experts=local_experts, int4=int4)
             for i in range(args.num_hidden_layers)
         )
+        for layer in self.layers[1:]:  # one RoPE table for all layers: cos/sin computed once per forward
+            layer.self_attn.rotary = self.layers[0].self_attn.rotary
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=dtype)
 
 

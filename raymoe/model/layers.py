@@ -26,10 +26,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(in_dtype)
+        # F.rms_norm is the same x·rsqrt(mean(x²)+eps) as one op (the hot path runs 2-3 per layer)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -86,6 +86,7 @@ class RotaryEmbedding(nn.Module):
         self.dim = args.qk_rope_head_dim
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self._scale: float | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def _freqs(self, device: torch.device) -> torch.Tensor:
         inv = self._inv_freq.get(device)
@@ -102,10 +103,19 @@ class RotaryEmbedding(nn.Module):
         return self._scale
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int -> (cos, sin), each [T, R/2] fp32 with the YaRN scale applied."""
+        """positions [T] int -> (cos, sin), each [T, R/2] fp32 with the YaRN scale applied.
+
+        The result for the last `positions` tensor is kept: queries and keys of every layer rotate
+        by the same positions in one forward pass (the decoder shares one instance across layers).
+        """
+        last = self._last
+        if last is not None and last[0] is positions:
+            return last[1], last[2]
         freqs = positions[:, None].float() * self._freqs(positions.device)  # [T, R/2]
         scale = self.attention_scaling
-        return freqs.cos() * scale, freqs.sin() * scale
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale
+        self._last = (positions, cos, sin)
+        return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

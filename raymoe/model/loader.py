@@ -208,13 +208,15 @@ def iter_layer_experts(args: ModelArgs, expert_ids: Iterable[int]) -> Iterable[t
 
 
 def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "packed", local_experts: bool = True,
-                device: str | torch.device = "cpu") -> nn.Module:
+                device: str | torch.device = "cpu", moe_kernel: str = "torch") -> nn.Module:
     """Construct the `Transformer` for `ckpt` without a random init and load its weights.
 
     With `local_experts=False` the routed experts are neither built nor read (the attention tier of
-    an expert-parallel deployment).
+    an expert-parallel deployment). `moe_kernel` ("torch" | "triton", a resolved `kernels.backend`)
+    picks the routed experts' compute (RoutedExperts.set_kernel).
     """
     from raymoe.model.deepseek import Transformer
+    from raymoe.model.moe import RoutedExperts
 
     if int4_mode not in ("packed", "dequant"):
         raise ValueError(f"int4_mode {int4_mode!r} is not supported (supported: packed, dequant)")
@@ -224,7 +226,12 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "pack
     with torch.device("meta"):
         model = Transformer(ckpt.args, dtype=torch_dtype, local_experts=local_experts, int4=int4)
     model.to_empty(device=device)
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    for module in experts:
+        module.set_kernel(moe_kernel)
     with torch.device(device):
         load_weights(model, ckpt)
+    for module in experts:  # stack expert weights for the grouped GEMM / fused kernel
+        module.fuse()
     model.eval()
     return model

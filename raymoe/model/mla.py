@@ -140,7 +140,8 @@ class MLA(nn.Module):
     # -- absorbed: fold kv_b_proj into the query and the output ------------------------------
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [T,H,Dn] -> q_lat [T,H,C] (q_nope · W_uk per head)."""
-        return torch.einsum("thd,hdc->thc", q_nope, self._wkv_b()[:, : self.qk_nope_head_dim])
+        # bmm per head on strided views (einsum's permute+copy path is ~1.5-5x slower at decode sizes)
+        return torch.bmm(q_nope.transpose(0, 1), self._wkv_b()[:, : self.qk_nope_head_dim]).transpose(0, 1)
 
     def attend_latent(self, q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ class MLA(nn.Module):
 
     def unabsorb(self, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [T,H,C] -> o [T,H,Dv] (· W_uv per head)."""
-        return torch.einsum("thc,hdc->thd", o_lat, self._wkv_b()[:, self.qk_nope_head_dim:])
+        return torch.bmm(o_lat.transpose(0, 1), self._wkv_b()[:, self.qk_nope_head_dim:].transpose(1, 2)).transpose(0, 1)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """o [T,H,Dv] -> [T,D]."""

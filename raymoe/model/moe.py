@@ -73,8 +73,18 @@ class RoutedExperts(nn.ModuleDict):
     """The experts `expert_ids` of one layer, keyed `str(global id)` (names `experts.{e}.gate_proj...`).
 
     forward returns Σ w·expert(x) over the (token, k) pairs routed to an expert hosted here; ids it does
-    not host are ignored. Tokens are batched per expert; accumulation is fp32, cast to x.dtype at the end.
+    not host (or < 0) are ignored. Accumulation is fp32, cast to x.dtype at the end.
+
+    Three ways to compute, same result: a loop with one GEMM per expert present; after `fuse()`
+    stacked the (unquantized) weights into `[E, 2I, D]` / `[E, D, I]` tensors that the experts' own
+    parameters then view (no extra memory), one padded grouped GEMM (`bmm`) per projection: a few
+    tensor ops whatever the number of experts, which is what decode batches need on CPU (used while
+    padding stays below GROUPED_MAX_PADDING × the real pairs); and with `set_kernel("triton")` on INT4
+    experts, raymoe_kernels' permute → fused W4A16 grouped GEMM (SwiGLU fused) → unpermute over the
+    stacked compressed-tensors buffers (`kernels.backend`: CUDA, or CPU under TRITON_INTERPRET=1).
     """
+
+    GROUPED_MAX_PADDING = 4
 
     def __init__(self, args: ModelArgs, expert_ids: Sequence[int], *, quantized: bool = False,
                  dtype: torch.dtype | None = None) -> None:
@@ -86,28 +96,134 @@ class RoutedExperts(nn.ModuleDict):
             raise ValueError(f"expert_ids ({ids}) contain duplicates")
         super().__init__({str(e): Expert(args, quantized, dtype) for e in ids})
         self.expert_ids = ids
+        self.num_routed_experts = args.n_routed_experts
+        self._fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (w13, w2, local index)
+        self.kernel = "torch"
+        self._int4: tuple[torch.Tensor, ...] | None = None  # (w13_packed, w13_scale, w2_packed, w2_scale, local)
+
+    def set_kernel(self, kernel: str) -> None:
+        """"torch" or "triton" (resolved `kernels.backend`); before loading: triton keeps INT4 as loaded."""
+        if kernel not in ("torch", "triton"):
+            raise ValueError(f"kernel {kernel!r} is not supported (supported: torch, triton)")
+        self.kernel = kernel
+        for ex in self._modules.values():
+            for lin in (ex.gate_proj, ex.up_proj, ex.down_proj):
+                if hasattr(lin, "keep_checkpoint_layout"):
+                    lin.keep_checkpoint_layout = kernel == "triton"
+
+    @torch.no_grad()
+    def fuse(self) -> bool:
+        """Stack the experts' weights for the grouped path (after loading); False when they are INT4."""
+        experts = [self._modules[str(e)] for e in self.expert_ids]
+        linears = [m for ex in experts for m in (ex.gate_proj, ex.up_proj, ex.down_proj)]
+        self._fused = self._int4 = None
+        if experts and self.kernel == "triton" and all(getattr(m, "keep_checkpoint_layout", False) for m in linears):
+            return self._fuse_int4(experts)
+        if not experts or not all(type(m) is nn.Linear for m in linears) or linears[0].weight.is_meta:
+            return False
+        inter = experts[0].gate_proj.out_features
+        w13 = torch.stack([torch.cat([ex.gate_proj.weight, ex.up_proj.weight]) for ex in experts])  # [E, 2I, D]
+        w2 = torch.stack([ex.down_proj.weight for ex in experts])  # [E, D, I]
+        for i, ex in enumerate(experts):  # the parameters become views of the stacks: one copy in memory
+            ex.gate_proj.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
+            ex.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
+            ex.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+        self._fused = (w13, w2, self._local_index(w13.device))
+        return True
+
+    def _local_index(self, device: torch.device) -> torch.Tensor:
+        """[n_routed + 1]: global expert id -> stack index; not hosted (and -1, the last entry) -> E."""
+        local = torch.full((self.num_routed_experts + 1,), len(self.expert_ids), dtype=torch.long, device=device)
+        local[torch.tensor(self.expert_ids, dtype=torch.long, device=device)] = torch.arange(
+            len(self.expert_ids), device=device)
+        return local
+
+    def _fuse_int4(self, experts: list[nn.Module]) -> bool:
+        """Stack the INT4 buffers as fused_moe_w4a16 wants them; each Int4Linear then views its slice."""
+        first = experts[0].gate_proj
+        if first.weight_packed is None or first.weight_packed.is_meta:
+            return False
+        inter = first.out_features
+        stacks = []
+        for names in (("gate_proj", "up_proj"), ("down_proj",)):
+            for buf in ("weight_packed", "weight_scale"):
+                stacks.append(torch.stack([torch.cat([getattr(getattr(ex, n), buf) for n in names]) for ex in experts]))
+        w13p, w13s, w2p, w2s = stacks  # [E, 2I, D/8], [E, 2I, D/gs], [E, D, I/8], [E, D, I/gs]
+        for i, ex in enumerate(experts):
+            ex.gate_proj.weight_packed, ex.gate_proj.weight_scale = w13p[i, :inter], w13s[i, :inter]
+            ex.up_proj.weight_packed, ex.up_proj.weight_scale = w13p[i, inter:], w13s[i, inter:]
+            ex.down_proj.weight_packed, ex.down_proj.weight_scale = w2p[i], w2s[i]
+        self._int4 = (w13p, w13s, w2p, w2s, self._local_index(w13p.device))
+        return True
+
+    def _triton_sum(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """permute → fused W4A16 (gate/up + SwiGLU, down) → weighted unpermute; fp32 [T, D]."""
+        from raymoe_kernels import fused_moe_w4a16, moe_permute, moe_unpermute
+
+        w13p, w13s, w2p, w2s, local = self._int4  # type: ignore[misc]
+        E, k = w13p.shape[0], topk_ids.shape[1]
+        slot = local[topk_ids.clamp(min=-1)]  # [T, K]: bin E collects pairs hosted elsewhere
+        sorted_ids, _counts, offsets, inverse = moe_permute(slot, E + 1)
+        x_sorted = x.index_select(0, sorted_ids.long() // k).contiguous()  # [T*K, D] grouped by expert
+        gs = self._modules[str(self.expert_ids[0])].gate_proj.group_size
+        out = fused_moe_w4a16(x_sorted.to(w13s.dtype), offsets[:E + 1], w13p, w13s, w2p, w2s, gs)  # bin E rows: 0
+        return moe_unpermute(out.float(), inverse, topk_weights.float())
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T,D], topk_ids [T,K], topk_weights [T,K] -> [T,D]."""
+        """x [T,D], topk_ids [T,K], topk_weights [T,K] -> [T,D] in x.dtype."""
+        return self.partial_sum(x, topk_ids, topk_weights).to(x.dtype)
+
+    def partial_sum(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The same sum in fp32 (expert shards return this; the engine adds the shards' partials)."""
         T, k = topk_ids.shape
-        if len(self) == 0 or x.shape[0] == 0:
-            return torch.zeros_like(x)
+        if len(self) == 0 or T == 0:
+            return torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        if self._int4 is not None:
+            return self._triton_sum(x, topk_ids, topk_weights)
         flat_ids = topk_ids.reshape(-1)  # [T*K]
         flat_w = topk_weights.reshape(-1).float()
-        order = torch.argsort(flat_ids, stable=True)
-        present, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
         # One row per (token, k) pair, each written once: a plain scatter then a sum over K. On CPU this
         # is ~10x faster than index_add_ into [T, D] at prefill sizes (8k pairs, measured 2026-11).
         pair_out = torch.zeros(T * k, x.shape[1], dtype=torch.float32, device=x.device)
+        fused = self._fused is not None and self._fused[0].device == x.device and self._fused[0].dtype == x.dtype
+        if fused and self._grouped(x, flat_ids, flat_w, k, pair_out):
+            return pair_out.view(T, k, -1).sum(dim=1)
+        order = torch.argsort(flat_ids, stable=True)
+        present, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
         start = 0
         for e, n in zip(present.tolist(), counts.tolist()):
             pairs = order[start:start + n]  # (token, k) pairs routed to expert e
             start += n
-            expert = self._modules.get(str(e))
+            expert = self._modules.get(str(e)) if e >= 0 else None
             if expert is None:
                 continue
             pair_out[pairs] = expert(x[pairs // k]).float() * flat_w[pairs, None]
-        return pair_out.view(T, k, -1).sum(dim=1).to(x.dtype)
+        return pair_out.view(T, k, -1).sum(dim=1)
+
+    def _grouped(self, x: torch.Tensor, flat_ids: torch.Tensor, flat_w: torch.Tensor, k: int,
+                 pair_out: torch.Tensor) -> bool:
+        """Padded grouped GEMM into `pair_out`; False (nothing written) when padding would cost too much."""
+        w13, w2, local = self._fused  # type: ignore[misc]
+        E, inter = w13.shape[0], w2.shape[2]
+        slot = local[flat_ids.clamp(min=-1)]  # [P] stack index, E = not hosted (-1 wraps to the last: E)
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=E + 1)[:E]
+        num_pairs = int(counts.sum())
+        if num_pairs == 0:
+            return True
+        cap = int(counts.max())
+        if E * cap > self.GROUPED_MAX_PADDING * num_pairs:
+            return False
+        pairs = order[:num_pairs]  # hosted pairs, grouped by expert
+        group = slot[pairs]
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(num_pairs, device=x.device) - starts[group]  # position within its expert
+        xg = x.new_zeros(E, cap, x.shape[1])
+        xg[group, rank] = x[pairs // k]
+        h = torch.bmm(xg, w13.transpose(1, 2))  # [E, cap, 2I]
+        y = torch.bmm(F.silu(h[..., :inter]) * h[..., inter:], w2.transpose(1, 2))  # [E, cap, D]
+        pair_out[pairs] = y[group, rank].float() * flat_w[pairs, None]
+        return True
 
 
 @torch.no_grad()

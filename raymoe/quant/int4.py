@@ -222,6 +222,9 @@ class Int4Linear(nn.Module):
             raise ValueError(f"Int4Linear: dtype {dtype} is not supported (supported: {_KERNEL_DTYPES})")
         self.in_features, self.out_features, self.group_size, self.dtype = in_features, out_features, group_size, dtype
         self.backend: Backend | None = None  # set by finalize()
+        # Keep the compressed-tensors buffers as loaded (the `dequant` path): a fused kernel that reads
+        # that layout (raymoe_kernels.fused_moe_w4a16) then stacks them; set before loading.
+        self.keep_checkpoint_layout = False
         self._num_pad_rows = 0
         packed_cols = math.ceil(in_features / PACK_FACTOR)
         self.register_buffer("weight_packed", torch.zeros(out_features, packed_cols, dtype=torch.int32, device=device))
@@ -273,7 +276,8 @@ class Int4Linear(nn.Module):
             return self
         self._check_loaded()
         self.weight_scale = self.weight_scale.to(self.dtype)
-        backend = int4_backend(self.weight_packed.device, self.group_size)
+        backend = "dequant" if self.keep_checkpoint_layout else int4_backend(self.weight_packed.device,
+                                                                              self.group_size)
         if backend == "cpu_int4pack":
             # Our nibble (q + 8) is the kernel's unsigned code; its dequant is (code - 8) * scale + zero, so zero = 0
             # gives q * scale exactly (checked in tests/quant against dequantize_int4).

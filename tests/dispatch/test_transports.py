@@ -181,3 +181,21 @@ def test_joining_a_pool_that_serves_another_model_is_rejected(ray_cluster, make_
     with LLM(make_ckpt("tiny"), **kw):
         with pytest.raises(ValueError, match="raymoe-expert-guard-0 already exists and serves"):
             LLM(make_ckpt("tiny", "int4"), **kw)
+
+
+@pytest.mark.ray
+def test_expert_shards_run_the_fused_int4_kernel_when_configured(ray_cluster, make_ckpt):
+    """kernels.backend='triton' reaches the shards: each resolves it for its own device (CPU here, through
+    TRITON_INTERPRET=1 inherited from the driver) and runs fused_moe_w4a16; tokens equal the local torch path."""
+    pytest.importorskip("triton")
+    import ray
+
+    path = make_ckpt("tiny", "int4")
+    want = local_greedy(path)
+    with LLM(path, num_expert_shards=2, transport="ray", expert_group="w4a16", kernels_backend="triton",
+             **SHARD_KW) as llm:
+        assert generate_ids(llm) == want
+        uses = ray.get([h.__ray_call__.remote(lambda w: [w.compute.layer(i)._int4 is not None
+                                                         for i in w.compute.expert_ids()])
+                        for h in llm.engine.pool.handles])
+        assert uses and all(all(u) for u in uses)

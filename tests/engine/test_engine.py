@@ -182,3 +182,18 @@ def test_triton_decode_kernel_path_matches_reference(tiny_ckpt, prompts, referen
                         sampling_params=SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     for o, ref in zip(outs, reference[:3]):
         assert o.outputs[0].token_ids == ref[:4]
+
+
+def test_triton_int4_moe_kernel_path_matches_the_torch_path(tiny_int4_ckpt, prompts):
+    """With INT4 experts, kernels.backend='triton' also runs the routed experts through permute →
+    fused_moe_w4a16 → unpermute; greedy tokens equal the torch backend's (CPU int4 GEMM per expert)."""
+    pytest.importorskip("triton")
+    from raymoe.model.moe import RoutedExperts
+
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model=str(tiny_int4_ckpt), kernels_backend="torch").generate(
+        prompt_token_ids=prompts[:3], sampling_params=params)]
+    llm = LLM(model=str(tiny_int4_ckpt), kernels_backend="triton")
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, RoutedExperts)]
+    assert layers and all(m._int4 is not None for m in layers)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts[:3], sampling_params=params)] == want

@@ -197,7 +197,8 @@ def test_gate_weights_sum_to_scaling_factor_or_are_raw_scores():
 # -- routed experts ----------------------------------------------------------------------------
 def routed_inputs(args, t=10):
     x = torch.randn(t, args.hidden_size)
-    ids = torch.stack([torch.randperm(args.n_routed_experts)[: args.num_experts_per_tok] for _ in range(t)])
+    ids = torch.stack([torch.randperm(args.n_routed_experts)[: args.num_experts_per_tok] for _ in range(t)]) if t \
+        else torch.zeros(0, args.num_experts_per_tok, dtype=torch.long)
     return x, ids, torch.rand(t, args.num_experts_per_tok)
 
 
@@ -217,6 +218,46 @@ def test_routed_experts_match_reference_and_subsets_add_up():
         torch.testing.assert_close(shard(x, ids, w), moe_ref(shard, x, ids, w), atol=1e-5, rtol=0)
     torch.testing.assert_close(shards[0](x, ids, w) + shards[1](x, ids, w), out, atol=1e-5, rtol=0)
     assert sorted(full.state_dict())[:3] == ["0.down_proj.weight", "0.gate_proj.weight", "0.up_proj.weight"]
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 10, 33, 300])
+def test_grouped_gemm_path_equals_the_per_expert_loop(tokens):
+    """After fuse() the experts' weights are views of stacked [E, 2I, D] / [E, D, I] tensors and the
+    padded bmm path gives the loop's sums, for hosted subsets, ids < 0 and skewed routing."""
+    args = TINY
+    full = randomize(RoutedExperts(args, range(args.n_routed_experts)))
+    shard = RoutedExperts(args, [1, 2, 6])
+    shard.load_state_dict({k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) in (1, 2, 6)})
+    x, ids, w = routed_inputs(args, tokens)
+    if tokens > 1:
+        ids[: tokens // 2, 0] = -1  # pairs another shard computes
+        ids[tokens // 2:, 1] = 6  # a hot expert
+    for experts in (full, shard):
+        want = experts(x, ids, w)  # loop: not fused yet
+        assert experts.fuse()
+        w13, w2, _ = experts._fused
+        first = experts[str(experts.expert_ids[0])]
+        assert first.gate_proj.weight.data_ptr() == w13.data_ptr()  # a view: no second copy
+        assert first.down_proj.weight.data_ptr() == w2.data_ptr()
+        torch.testing.assert_close(experts(x, ids, w), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experts(x, ids, w), moe_ref(experts, x, ids, w), atol=1e-5, rtol=1e-5)
+    # a state_dict round trip through the views keeps the stacked weights in step
+    again = RoutedExperts(args, range(args.n_routed_experts))
+    assert again.fuse()
+    again.load_state_dict(full.state_dict())  # copies into the views
+    torch.testing.assert_close(again(x, ids, w), full(x, ids, w))
+
+
+def test_grouped_gemm_falls_back_to_the_loop_when_padding_would_dominate():
+    args = TINY
+    experts = randomize(RoutedExperts(args, range(args.n_routed_experts)))
+    x, ids, w = routed_inputs(args, 64)
+    ids[:] = 3  # expert 3 gets every pair: 8 experts x 128 padded rows for 128 pairs, over the limit
+    want = moe_ref(experts, x, ids, w)
+    experts.fuse()
+    out = torch.zeros(64 * 2, args.hidden_size)
+    assert not experts._grouped(x, ids.reshape(-1), w.reshape(-1), 2, out)
+    torch.testing.assert_close(experts(x, ids, w), want, atol=1e-5, rtol=1e-5)
 
 
 def test_routed_experts_empty_and_invalid():
