@@ -132,13 +132,18 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """'name{labels}' -> value for every sample line (labels kept verbatim, `_created` samples dropped)."""
+    """'name{labels}' -> value for every sample line (labels kept verbatim, `_created` samples dropped).
+
+    Ray's metrics agent exports raymoe's series as `ray_raymoe_*`; the prefix is dropped here so both
+    that and the ingress's own `raymoe_engine_*` lines read under one name.
+    """
     out = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
         if m and not m.group(1).endswith("_created"):
+            name = m.group(1).removeprefix("ray_") if m.group(1).startswith("ray_raymoe_") else m.group(1)
             try:
-                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+                out[name + (m.group(2) or "")] = float(m.group(3))
             except ValueError:
                 continue
     return out
@@ -172,14 +177,14 @@ def server_breakdown(before: dict[str, float], after: dict[str, float], duration
     if queried > 0:
         out["prefix_cache_hit_rate"] = delta("raymoe_engine_prefix_cache_hit_tokens_total") / queried
     ttft = mean_s("raymoe_time_to_first_token_seconds")
-    http = mean_s("raymoe_http_request_duration_seconds", 'route="/v1/chat/completions"')
+    http = mean_s("raymoe_e2e_request_latency_seconds")
     if ttft is not None:
         out["server_ttft_mean_ms"] = ttft * 1000
     if http is not None:
         out["server_e2el_mean_ms"] = http * 1000
     if client and ttft is not None and not math.isnan(client["ttft_ms"]["mean"]):
         out["outside_ingress_ttft_ms"] = client["ttft_ms"]["mean"] - ttft * 1000
-    known = {"raymoe_time_to_first_token_seconds", "raymoe_http_request_duration_seconds"}
+    known = {"raymoe_time_to_first_token_seconds", "raymoe_e2e_request_latency_seconds"}
     others = {}
     for key in after:
         base = key.split("{", 1)[0]

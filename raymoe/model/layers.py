@@ -87,6 +87,7 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self._scale: float | None = None
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
+        self._tables: tuple[torch.Tensor, ...] | None = None  # (positions, cos2, sin2, evens|odds, odds|evens)
 
     def _freqs(self, device: torch.device) -> torch.Tensor:
         inv = self._inv_freq.get(device)
@@ -116,6 +117,23 @@ class RotaryEmbedding(nn.Module):
         cos, sin = freqs.cos() * scale, freqs.sin() * scale
         self._last = (positions, cos, sin)
         return cos, sin
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`apply_rope(x, *self(positions))` in 5 ops instead of ~13 (the decode hot path calls it twice
+        per layer): out = x[evens|odds]·[cos|cos] + x[odds|evens]·[-sin|sin], HF's own
+        `q·cos + rotate_half(q)·sin` on the de-interleaved layout, so the values are the same bits."""
+        tables = self._tables
+        if tables is None or tables[0] is not positions or tables[1].dtype != x.dtype:
+            cos, sin = self(positions)
+            half = cos.shape[-1]
+            idx = torch.arange(2 * half, device=x.device)
+            deint = torch.cat([idx[0::2], idx[1::2]])  # evens then odds
+            swapped = torch.cat([idx[1::2], idx[0::2]])
+            tables = self._tables = (positions, torch.cat([cos, cos], -1).to(x.dtype),
+                                     torch.cat([-sin, sin], -1).to(x.dtype), deint, swapped)
+        _, cos2, sin2, deint, swapped = tables
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos2.shape[-1],)
+        return x.index_select(-1, deint) * cos2.view(shape) + x.index_select(-1, swapped) * sin2.view(shape)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from raymoe.model.args import ModelArgs
-from raymoe.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+from raymoe.model.layers import RMSNorm, RotaryEmbedding
 
 # HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps (1e-6), not rms_norm_eps,
 # and so does DeepSeek-V3's inference/model.py.
@@ -114,14 +114,12 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(x.shape[0], self.num_heads, -1)  # [T,H,Dn+R]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        cos, sin = self.rotary(positions)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, self.rotary.rotate(q_pe, positions)
 
     def project_kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T,D], positions [T] -> c_kv [T,C] (normalised), k_pe [T,R] (roped): what the cache stores."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        cos, sin = self.rotary(positions)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+        return self.kv_a_layernorm(c_kv), self.rotary.rotate(k_pe, positions)
 
     def _wkv_b(self) -> torch.Tensor:
         """kv_b_proj weight as [H, Dn+Dv, C]."""

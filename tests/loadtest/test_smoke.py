@@ -104,17 +104,20 @@ def test_goodput_counts_requests_meeting_every_slo_and_nonstreaming_gets_the_str
 def test_server_breakdown_reads_metric_deltas_and_names_what_is_missing():
     before = summary.parse_prometheus('raymoe_engine_num_steps_total{replica="a"} 10\n'
                                       'raymoe_engine_num_generated_tokens_total{replica="a"} 40\n'
-                                      "raymoe_time_to_first_token_seconds_sum 1.0\n"
-                                      "raymoe_time_to_first_token_seconds_count 10\n")
+                                      'ray_raymoe_time_to_first_token_seconds_sum{SessionName="s"} 1.0\n'
+                                      'ray_raymoe_time_to_first_token_seconds_count{SessionName="s"} 10\n')
     after = summary.parse_prometheus('raymoe_engine_num_steps_total{replica="a"} 110\n'
                                      'raymoe_engine_num_generated_tokens_total{replica="a"} 840\n'
                                      "raymoe_engine_replicas 1\n"
-                                     "raymoe_time_to_first_token_seconds_sum 3.0\n"
-                                     "raymoe_time_to_first_token_seconds_count 20\n"
+                                     'ray_raymoe_time_to_first_token_seconds_sum{SessionName="s"} 3.0\n'
+                                     'ray_raymoe_time_to_first_token_seconds_count{SessionName="s"} 20\n'
+                                     "ray_raymoe_e2e_request_latency_seconds_sum 8.0\n"
+                                     "ray_raymoe_e2e_request_latency_seconds_count 20\n"
                                      "raymoe_dispatch_seconds_sum 0.5\nraymoe_dispatch_seconds_count 100\n")
     b = summary.server_breakdown(before, after, duration_s=2.0)
     assert b["tokens_per_step"] == 8 and b["wall_ms_per_step"] == 20
-    assert b["server_ttft_mean_ms"] == pytest.approx(200)
+    assert b["server_ttft_mean_ms"] == pytest.approx(200)  # Ray's ray_ prefix is read through
+    assert b["server_e2el_mean_ms"] == pytest.approx(400)
     assert b["other_timings_mean_ms"] == {"raymoe_dispatch_seconds": pytest.approx(5)}
     assert "dispatch" not in b["not_exposed"] and "tokenization" in b["not_exposed"]
 

@@ -113,6 +113,16 @@ def test_rope_matches_deepseek_complex_form():
     torch.testing.assert_close(got.double(), torch.cat([ref[..., 0], ref[..., 1]], -1), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_is_apply_rope_bit_for_bit_and_follows_new_positions(dtype):
+    rot = RotaryEmbedding(TINY)
+    r = TINY.qk_rope_head_dim
+    for pos in (torch.tensor([0, 1, 7, 100, 4000]), torch.tensor([3, 3, 9, 12, 5])):  # a new tensor: new tables
+        cos, sin = rot(pos)
+        for x in (torch.randn(5, 3, r, dtype=dtype), torch.randn(5, r, dtype=dtype)):  # q_pe [T,H,R], k_pe [T,R]
+            assert torch.equal(rot.rotate(x, pos), apply_rope(x, cos, sin))
+
+
 def test_rope_scores_depend_only_on_relative_position():
     rot = RotaryEmbedding(TINY)  # YaRN preset, cos/sin scale 1 (mscale == mscale_all_dim)
     q, k = torch.randn(1, TINY.qk_rope_head_dim), torch.randn(1, TINY.qk_rope_head_dim)

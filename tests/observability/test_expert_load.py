@@ -33,7 +33,9 @@ DISPATCH_METRICS = ["raymoe_dispatch_latency_seconds", "raymoe_shard_tokens_tota
                     "raymoe_expert_tokens_total", "raymoe_shard_restarts_total", "raymoe_step_retries_total"]
 # 6 prompts sharing a 32-token prefix (2 KV blocks): the second pass hits the prefix cache
 PROMPTS = [[7 + j for j in range(32)] + [100 + 9 * i + j for j in range(4 + 3 * i)] for i in range(6)]
-PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+# 96 tokens with 2 sequences at a time: the last two prompts wait ~192 steps, longer than the 0.5 s gauge
+# refresh plus the 1 s export interval, so a scrape sees them waiting however fast a step is
+PARAMS = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
 
 
 def _run(engine, tag: str) -> None:
@@ -74,7 +76,7 @@ def run(tiny_ckpt):
     with local_ray(num_cpus=4):
         config = RayMoEConfig.model_validate({
             "model": {"path": str(tiny_ckpt), "dtype": "float32"},
-            "engine": {"max_num_seqs": 4, "kv_cache_memory": 4 << 20},  # 6 prompts: some wait
+            "engine": {"max_num_seqs": 2, "kv_cache_memory": 4 << 20},  # 6 prompts: 4 wait
             "parallel": {"num_expert_shards": 2, "transport": "ray", "shard_num_cpus": 0.5, "expert_group": "obs",
                          "per_expert_metrics": True, "recovery_timeout_s": 60}})
         core = build_engine(config)

@@ -169,3 +169,23 @@ def test_deployment_options_carry_autoscaling_backpressure_and_resources():
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0, "resources": {"attention": 1.0}}
     assert opts["backpressure_config"] == {"status_code": 429, "retry_after_s": 2.0}
     assert opts["max_queued_requests"] == 16
+
+
+def test_ignore_eos_drops_the_templates_end_of_turn_ids():
+    """The ingress stops chats on the template's end-of-turn ids unless the request sets ignore_eos.
+
+    `_params` only reads `self.config.limits`, `self.config.default_temperature` and
+    `self.info.max_model_len`, so it runs here on the Serve deployment's class without a replica.
+    """
+    from types import SimpleNamespace
+
+    from raymoe.serve.ingress import OpenAiIngress
+
+    ingress = SimpleNamespace(config=ServeConfig(), info=SimpleNamespace(max_model_len=4096))
+    params = OpenAiIngress.func_or_class._params
+    end_of_turn = [7, 9]
+    for ignore_eos, want in ((False, end_of_turn), (True, [])):
+        body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                     ignore_eos=ignore_eos)
+        [p] = params(ingress, body, 3, 8, "max_tokens", "messages", None, end_of_turn, 1)
+        assert p.stop_token_ids == want and p.ignore_eos is ignore_eos
