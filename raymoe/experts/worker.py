@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -342,10 +342,23 @@ class ExpertPool:
                     timeout=STARTUP_TIMEOUT_S)
 
     def node_ids(self) -> list[str]:
-        return ray.get([h.node_id.remote() for h in self.handles])
+        return self._ask_all("node_id")
 
     def load_stats(self) -> list[dict[str, Any]]:
-        return ray.get([h.load_stats.remote() for h in self.handles])
+        return self._ask_all("load_stats")
+
+    def _ask_all(self, method: str, timeout_s: float = 30.0) -> list[Any]:
+        """Call an introspection method on every shard; a shard Ray reports as *temporarily* unavailable
+        (just restarted or re-placed, its connection not yet re-established) is asked again until
+        `timeout_s`. A dead shard's error is raised as is."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get([getattr(h, method).remote() for h in self.handles])
+            except ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
 
     def engine_ip(self) -> str:
         return ray.util.get_node_ip_address()

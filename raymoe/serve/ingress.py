@@ -377,7 +377,7 @@ class OpenAiIngress:
             return [SamplingParams(
                 temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=body.top_k or 0, min_p=body.min_p or 0.0, seed=_choice_seed(body.seed, i),
-                max_tokens=max_tokens, stop=stop, ignore_eos=body.ignore_eos,
+                max_tokens=max_tokens, min_tokens=body.min_tokens, stop=stop, ignore_eos=body.ignore_eos,
                 # ignore_eos means every end-of-turn id (vLLM treats generation_config's eos list alike)
                 stop_token_ids=[] if body.ignore_eos else list(stop_token_ids),
                 logprobs=logprobs, repetition_penalty=body.repetition_penalty or 1.0,

@@ -189,3 +189,20 @@ def test_ignore_eos_drops_the_templates_end_of_turn_ids():
                                      ignore_eos=ignore_eos)
         [p] = params(ingress, body, 3, 8, "max_tokens", "messages", None, end_of_turn, 1)
         assert p.stop_token_ids == want and p.ignore_eos is ignore_eos
+
+
+def test_min_tokens_reaches_the_engine_and_is_bounded_by_max_tokens():
+    from types import SimpleNamespace
+
+    from raymoe.serve.ingress import OpenAiIngress
+
+    ingress = SimpleNamespace(config=ServeConfig(), info=SimpleNamespace(max_model_len=4096))
+    params = OpenAiIngress.func_or_class._params
+    ok = CompletionRequest(model="m", prompt="hi", max_tokens=8, min_tokens=5)
+    [p] = params(ingress, ok, 3, 8, "max_tokens", "prompt", None, [], 1)
+    assert p.min_tokens == 5
+    too_many = CompletionRequest(model="m", prompt="hi", max_tokens=8, min_tokens=9)
+    err = params(ingress, too_many, 3, 8, "max_tokens", "prompt", None, [], 1)
+    assert isinstance(err, ErrorResponse) and "min_tokens" in err.message and err.status_code == 400
+    with pytest.raises(ValidationError, match="min_tokens"):
+        CompletionRequest(model="m", prompt="hi", min_tokens=-1)
