@@ -58,6 +58,18 @@ def resolve_kernels_backend(backend: str, device: torch.device) -> str:
     return "triton" if available and device.type == "cuda" else "torch"
 
 
+def _ban_stops_before_min_tokens(logits: torch.Tensor, requests: list) -> None:
+    """As vLLM: below `min_tokens` outputs, EOS (unless ignored) and stop token ids cannot be sampled."""
+    for i, r in enumerate(requests):
+        p = r.params
+        if len(r.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids)
+            if r.eos_token_id is not None and not p.ignore_eos:
+                banned.append(r.eos_token_id)
+            if banned:
+                logits[i, banned] = float("-inf")
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, args: ModelArgs, spec: KVCacheSpec,
                  device: torch.device | str = "cpu", *, kernels_backend: str = "auto"):
@@ -116,6 +128,7 @@ class ModelRunner:
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        _ban_stops_before_min_tokens(logits, sample_seqs)
         params = [r.params for r in sample_seqs]
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in sample_seqs]
         gens = [self._generator(r.request_id, r.params.seed) for r in sample_seqs]

@@ -113,7 +113,8 @@ class RoutedExperts(nn.ModuleDict):
 
     @torch.no_grad()
     def fuse(self) -> bool:
-        """Stack the experts' weights for the grouped path (after loading); False when they are INT4."""
+        """After loading: stack the weights for the grouped bmm (unquantized experts) or for the fused
+        W4A16 kernel (INT4 experts under `set_kernel("triton")`); False (the loop is used) otherwise."""
         experts = [self._modules[str(e)] for e in self.expert_ids]
         linears = [m for ex in experts for m in (ex.gate_proj, ex.up_proj, ex.down_proj)]
         self._fused = self._int4 = None

@@ -190,8 +190,8 @@ class _SamplingFields(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="Vendor extension.")
     ignore_eos: bool = Field(False, description="Vendor extension: keep generating past end-of-turn tokens.")
-    min_tokens: Int = Field(0, ge=0, description="Vendor extension: end-of-turn and stop tokens do not end the "
-                            "output before this many tokens (at most max_tokens).")
+    min_tokens: Int = Field(0, ge=0, description="Vendor extension: end-of-turn and stop tokens cannot be sampled "
+                            "before this many output tokens (at most max_tokens).")
     skip_special_tokens: bool = Field(True, description="Vendor extension: drop special tokens from text.")
     return_token_ids: bool = Field(
         False, description="Vendor extension: add prompt_token_ids and per-choice token_ids to the response.")

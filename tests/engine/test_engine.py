@@ -124,6 +124,22 @@ def test_stop_strings_and_eos(tiny_ckpt, prompts, reference):
     assert out.token_ids == reference[4][: reference[4].index(eos) + 1] and out.finish_reason == "stop"
 
 
+def test_min_tokens_keeps_stop_tokens_from_being_sampled(tiny_ckpt, prompts, reference):
+    """Before min_tokens outputs, a stop token id cannot be sampled (vLLM semantics), so greedy picks
+    the next best token; from then on the same id stops the output again."""
+    llm = LLM(model=str(tiny_ckpt))
+    first = reference[4][0]  # what greedy decoding emits first
+    out = llm.generate(prompt_token_ids=[prompts[4]], sampling_params=SamplingParams(
+        temperature=0, max_tokens=8, stop_token_ids=[first]))[0].outputs[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop"
+    out = llm.generate(prompt_token_ids=[prompts[4]], sampling_params=SamplingParams(
+        temperature=0, max_tokens=8, min_tokens=3, stop_token_ids=[first], ignore_eos=True))[0].outputs[0]
+    assert first not in out.token_ids[:3] and len(out.token_ids) >= 3
+    # only the stop id or max_tokens can end it now
+    assert (out.token_ids[-1] == first and out.finish_reason == "stop") or (
+        len(out.token_ids) == 8 and out.finish_reason == "length")
+
+
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
