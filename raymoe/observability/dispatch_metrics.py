@@ -10,8 +10,9 @@ Cardinality and cost are bounded for K2 (61 layers, 384 experts, tens of shards)
   `parallel.per_expert_metrics` and are exported every `expert_interval_s` and when the engine goes
   idle (23k `inc` calls take ~170 ms at 7.5 µs each, measured 2026-11 on the dev box).
 - latency: a histogram observation costs ~15 µs, so at most one MoE layer per `latency_interval_s`
-  is observed, under every shard that took part in it. Transports wait for all shards of a layer, so
-  this is the dispatch+combine time as each shard's layers saw it; a hot shard also shows in its
+  is observed, under every shard that took part in it. The ray transport then times each shard's own
+  round trip (dispatch, its experts, the reply); the collective transport finishes all shards at
+  once, so there each shard gets the layer's dispatch+combine time. A hot shard also shows in its
   token series.
 A restart is counted per shard from the actor's incarnation (`incarnations_fn`: actor id and Ray's
 restart count) after each recovery; a retry is each re-run of a layer after a `ShardFailure`.
