@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from raymoe.dispatch.interface import Dispatcher, ShardFailure
 from raymoe.dispatch.routing import RoutingMetadata, dispatch_rows, pack_rows
@@ -45,7 +45,11 @@ class RayDispatcher(Dispatcher):
             if self.time_shards:  # sampled by the metrics: note when each shard's rows come back
                 self._time_each(shard_of, start)
             parts = ray.get(refs, timeout=self.recovery_timeout_s)
-        except (RayActorError, GetTimeoutError) as e:
+        except (RayActorError, GetTimeoutError) as e:  # died, restarting, unavailable, no answer: recover
+            raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        except RayTaskError:  # the shard's own code raised: a bug, not a lost shard; the step fails
+            raise
+        except RayError as e:  # e.g. its reply object was lost with a node: recover the same way
             raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         return torch.cat(parts).to(x.device)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -51,7 +51,11 @@ def _as_shard_failure() -> Iterator[None]:
 
     try:
         yield
-    except (RayActorError, GetTimeoutError) as e:
+    except (RayActorError, GetTimeoutError) as e:  # died, restarting, unavailable, no answer
+        raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    except RayTaskError:  # the shard's own code raised: not something a restart fixes
+        raise
+    except RayError as e:  # e.g. a reply object lost with its node
         raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 

@@ -210,7 +210,9 @@ class TierClient:
 
     Args:
         handle: DeploymentHandle of `AttentionTier`.
-        max_resubmits: how many replica losses one request survives.
+        max_resubmits: how many losses of a replica that was streaming the request it survives. A
+            submission that fails before any token (the router still lists a replica that is already
+            gone, until Serve notices) does not count; those are retried for `dead_replica_window_s`.
         retry_after_s: Retry-After sent with the back-pressure 503/429.
         backpressure_status_code: 503 or 429, as configured for the tier.
         on_resubmit: called once per resubmission (metrics).
@@ -222,9 +224,11 @@ class TierClient:
 
     def __init__(self, handle: Any, *, max_resubmits: int = 3, retry_after_s: float = 1.0,
                  backpressure_status_code: int = 503, on_resubmit: Callable[[], None] | None = None,
-                 resubmit_delay_s: float = 0.2, reasoning_tokens: ReasoningTokens | None = None):
+                 resubmit_delay_s: float = 0.2, reasoning_tokens: ReasoningTokens | None = None,
+                 dead_replica_window_s: float = 30.0):
         self.handle = handle
         self.max_resubmits = max_resubmits
+        self.dead_replica_window_s = dead_replica_window_s
         self.retry_after_s = retry_after_s
         self.backpressure_status_code = backpressure_status_code
         self.on_resubmit = on_resubmit
@@ -281,22 +285,24 @@ class TierClient:
         produced: list[int] = []
         sent_text = ""
         resumed = False
-        attempt = 0
+        attempt = 0  # losses of a replica that had started streaming this request
+        tries = 0  # submissions after the first
+        first_loss: float | None = None
         while True:
             remaining = params.max_tokens - len(produced)
             if remaining <= 0:  # the last token arrived but its "finished" delta did not
                 yield TierOutput([], "", None, "length", True)
                 return
-            sub_params = params if attempt == 0 else dataclasses.replace(
+            sub_params = params if tries == 0 else dataclasses.replace(
                 params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - len(produced)),
                 thinking_budget=self.remaining_budget(params.thinking_budget, produced))
-            request = TierRequest(request_id if attempt == 0 else f"{request_id}.r{attempt}",
+            request = TierRequest(request_id if tries == 0 else f"{request_id}.r{tries}",
                                   list(prompt_token_ids) + produced, sub_params)
             responses = None
             live = False  # the replica may still be working on it: cancel if we leave early
             assigned = False
             try:
-                handle = self.handle.options(stream=True, session_id=hint) if hint and attempt == 0 else (
+                handle = self.handle.options(stream=True, session_id=hint) if hint and tries == 0 else (
                     self.handle.options(stream=True))
                 responses = handle.generate.remote(request)
                 live = True
@@ -316,9 +322,13 @@ class TierClient:
                         return
             except _REPLICA_LOST as e:
                 live = False
-                attempt += 1
-                if attempt > self.max_resubmits:
-                    yield unavailable(f"AttentionTier replicas kept failing ({attempt - 1} resubmissions): "
+                tries += 1
+                now = time.monotonic()
+                first_loss = now if first_loss is None else first_loss
+                if assigned:
+                    attempt += 1
+                if attempt > self.max_resubmits or now - first_loss > self.dead_replica_window_s:
+                    yield unavailable(f"AttentionTier replicas kept failing ({tries - 1} resubmissions): "
                                       f"{type(e).__name__}", retry_after_s=self.retry_after_s)
                     return
                 logger.warning("request %s lost its AttentionTier replica after %d tokens (%s); resubmitting",
@@ -326,7 +336,7 @@ class TierClient:
                 if self.on_resubmit is not None:
                     self.on_resubmit()
                 resumed = True
-                await asyncio.sleep(self.resubmit_delay_s * attempt)  # let Serve drop the dead replica
+                await asyncio.sleep(self.resubmit_delay_s * min(tries, 5))  # let Serve drop the dead replica
                 continue
             except BackPressureError as e:
                 live = False
@@ -349,6 +359,7 @@ class TierClient:
                     _cancel(responses, assigned)
             # the stream ended without a finished delta: the replica is going away; resume elsewhere
             attempt += 1
+            tries += 1
             if attempt > self.max_resubmits:
                 yield unavailable("AttentionTier streams kept ending early", retry_after_s=self.retry_after_s)
                 return

@@ -128,6 +128,21 @@ def test_replicas_that_keep_dying_give_a_503_value():
     assert isinstance(out[-1], ErrorResponse) and out[-1].status_code == 503
 
 
+def test_replicas_already_gone_do_not_use_up_the_resubmission_budget_but_are_bounded_in_time():
+    """A submission that dies before its first token (Serve still routing to a replica it has not yet
+    dropped) is retried without counting as a lost stream; an endless run of them ends in a 503 once
+    `dead_replica_window_s` has passed."""
+    params = SamplingParams(temperature=0, max_tokens=6)
+    reference = collect(TierClient(FakeTier(None)), [1, 2], params)
+    tier = FakeTier(die_after=0, die_times=5)  # five dead-on-arrival submissions, then a live replica
+    out = collect(TierClient(tier, max_resubmits=2, resubmit_delay_s=0), [1, 2], params)
+    assert [t for o in out for t in o.token_ids] == [t for o in reference for t in o.token_ids]
+    assert len(tier.requests) == 6 and tier.requests[-1].request_id == "req.r5"
+    out = collect(TierClient(FakeTier(die_after=0, die_times=99), resubmit_delay_s=0, dead_replica_window_s=0),
+                  [1, 2], params)
+    assert isinstance(out[-1], ErrorResponse) and out[-1].status_code == 503
+
+
 # -- app level --------------------------------------------------------------------------------------
 
 
