@@ -26,7 +26,15 @@ from raymoe.observability.engine_metrics import EngineMetrics
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop failed; the replica must be restarted."""
+    """The engine loop failed; the replica must be restarted.
+
+    `arrived_dead`: the request came after the failure and never entered the engine (so it is safe to
+    run elsewhere); False for the requests of the failing step, one of which may have caused it.
+    """
+
+    def __init__(self, message: str, *, arrived_dead: bool = False) -> None:
+        super().__init__(message)
+        self.arrived_dead = arrived_dead
 
 
 @dataclass
@@ -62,7 +70,7 @@ class AsyncEngine:
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield delta outputs for one request; the last one has `finished=True`."""
         if self.error is not None:
-            raise EngineDeadError(f"engine is dead: {self.error}")
+            raise EngineDeadError(f"engine is dead: {self.error}", arrived_dead=True)
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, asyncio.Queue())
         fut: concurrent.futures.Future = concurrent.futures.Future()

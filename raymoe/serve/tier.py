@@ -176,7 +176,10 @@ class AttentionTier:
             yield bad_request(str(e), param="prompt")
         except EngineDeadError as e:
             logger.error("engine of replica %s is dead: %s", self.replica_id, e)
-            yield unavailable(f"the engine failed; retry: {e}", retry_after_s=self.retry_after_s)
+            err = unavailable(f"the engine failed; retry: {e}", retry_after_s=self.retry_after_s)
+            # a request that never entered the dead engine is resubmitted elsewhere by the client; one
+            # of the failing step is not (it may be what broke the engine)
+            yield dataclasses.replace(err, code=ENGINE_DEAD) if e.arrived_dead else err
 
     def model_info(self) -> ModelInfo:
         return self.info
@@ -201,8 +204,15 @@ class AttentionTier:
             engine.shutdown()
 
 
+ENGINE_DEAD = "engine_dead"  # ErrorResponse.code: this replica's engine was already dead (Serve replaces it)
+
+
+class _EngineDead(Exception):
+    """The replica answered, but its engine is dead: resubmit elsewhere like a lost replica."""
+
+
 # Exceptions meaning "the replica serving this request is gone": re-submit elsewhere.
-_REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
+_REPLICA_LOST = (RayActorError, ReplicaUnavailableError, _EngineDead)
 
 
 class TierClient:
@@ -310,6 +320,9 @@ class TierClient:
                     assigned = True
                     if isinstance(item, ErrorResponse):
                         live = False
+                        if item.code == ENGINE_DEAD:  # until Serve replaces that replica (health check)
+                            assigned = False  # like an already-gone replica: bounded by the time window
+                            raise _EngineDead(item.message)
                         yield item
                         return
                     produced += item.token_ids

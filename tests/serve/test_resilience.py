@@ -8,6 +8,7 @@ same greedy tokens as an uninterrupted run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -16,8 +17,8 @@ import pytest
 from ray.exceptions import ActorDiedError
 
 from raymoe.engine.request import SamplingParams
-from raymoe.serve.protocol import ErrorResponse
-from raymoe.serve.tier import TierClient, TierOutput, TierRequest
+from raymoe.serve.protocol import ErrorResponse, unavailable
+from raymoe.serve.tier import ENGINE_DEAD, TierClient, TierOutput, TierRequest
 from tests.serve.conftest import poll_metrics, tiny_config
 
 
@@ -53,9 +54,10 @@ class FakeStream:
 class FakeTier:
     """`handle.options(stream=True).generate.remote(req)`; the first `die_after` tokens, then ActorDiedError."""
 
-    def __init__(self, die_after: int | None, die_times: int = 1):
+    def __init__(self, die_after: int | None, die_times: int = 1, dead_engine_times: int = 0):
         self.die_after = die_after
         self.die_times = die_times
+        self.dead_engine_times = dead_engine_times  # first answers: the replica's engine is dead
         self.requests: list[TierRequest] = []
         self.streams: list[FakeStream] = []
         self.generate = self
@@ -67,6 +69,10 @@ class FakeTier:
     def remote(self, request: TierRequest) -> FakeStream:
         """Outputs with the engine's text contract: stop-string prefixes held back, stop strings cut."""
         self.requests.append(request)
+        if len(self.requests) <= self.dead_engine_times:
+            err = unavailable("the engine failed; retry: boom")
+            self.streams.append(FakeStream([dataclasses.replace(err, code=ENGINE_DEAD)]))
+            return self.streams[-1]
         params = request.params
         ids, out, items, sent = list(request.prompt_token_ids), [], [], 0
         hold = max((len(s) for s in params.stop), default=1) - 1
@@ -139,6 +145,20 @@ def test_replicas_already_gone_do_not_use_up_the_resubmission_budget_but_are_bou
     assert [t for o in out for t in o.token_ids] == [t for o in reference for t in o.token_ids]
     assert len(tier.requests) == 6 and tier.requests[-1].request_id == "req.r5"
     out = collect(TierClient(FakeTier(die_after=0, die_times=99), resubmit_delay_s=0, dead_replica_window_s=0),
+                  [1, 2], params)
+    assert isinstance(out[-1], ErrorResponse) and out[-1].status_code == 503
+
+
+def test_a_replica_whose_engine_died_is_left_for_another():
+    """The tier answers with an engine-dead 503 until Serve replaces that replica: the client resubmits
+    (the user sees the tokens, not the 503); only an endless run of them ends in the 503."""
+    params = SamplingParams(temperature=0, max_tokens=6)
+    reference = collect(TierClient(FakeTier(None)), [1, 2], params)
+    tier = FakeTier(None, dead_engine_times=4)
+    out = collect(TierClient(tier, max_resubmits=1, resubmit_delay_s=0), [1, 2], params)
+    assert [t for o in out for t in o.token_ids] == [t for o in reference for t in o.token_ids]
+    assert not any(isinstance(o, ErrorResponse) for o in out) and len(tier.requests) == 5
+    out = collect(TierClient(FakeTier(None, dead_engine_times=99), resubmit_delay_s=0, dead_replica_window_s=0),
                   [1, 2], params)
     assert isinstance(out[-1], ErrorResponse) and out[-1].status_code == 503
 
