@@ -297,7 +297,7 @@ class TierClient:
         resumed = False
         attempt = 0  # losses of a replica that had started streaming this request
         tries = 0  # submissions after the first
-        first_loss: float | None = None
+        gone_since: float | None = None  # first of the current run of submissions that got no token
         while True:
             remaining = params.max_tokens - len(produced)
             if remaining <= 0:  # the last token arrived but its "finished" delta did not
@@ -337,10 +337,13 @@ class TierClient:
                 live = False
                 tries += 1
                 now = time.monotonic()
-                first_loss = now if first_loss is None else first_loss
                 if assigned:
                     attempt += 1
-                if attempt > self.max_resubmits or now - first_loss > self.dead_replica_window_s:
+                    gone_since = None
+                else:
+                    gone_since = now if gone_since is None else gone_since
+                if attempt > self.max_resubmits or (
+                        gone_since is not None and now - gone_since > self.dead_replica_window_s):
                     yield unavailable(f"AttentionTier replicas kept failing ({tries - 1} resubmissions): "
                                       f"{type(e).__name__}", retry_after_s=self.retry_after_s)
                     return

@@ -147,6 +147,11 @@ def test_replicas_already_gone_do_not_use_up_the_resubmission_budget_but_are_bou
     out = collect(TierClient(FakeTier(die_after=0, die_times=99), resubmit_delay_s=0, dead_replica_window_s=0),
                   [1, 2], params)
     assert isinstance(out[-1], ErrorResponse) and out[-1].status_code == 503
+    # the window bounds a run of token-less submissions only: losses of streaming replicas, however far
+    # apart, are bounded by max_resubmits alone
+    tier = FakeTier(die_after=1, die_times=2)
+    out = collect(TierClient(tier, max_resubmits=2, resubmit_delay_s=0, dead_replica_window_s=0), [1, 2], params)
+    assert [t for o in out for t in o.token_ids] == [t for o in reference for t in o.token_ids]
 
 
 def test_a_replica_whose_engine_died_is_left_for_another():
