@@ -65,7 +65,8 @@ class Dispatcher(ABC):
         timed = metrics is not None and metrics.want_latency()
         start = time.perf_counter() if timed else 0.0
         self.time_shards = timed
-        self.shard_seconds = {}
+        if timed:
+            self.shard_seconds = {}
         first_failure: float | None = None
         while True:
             try:

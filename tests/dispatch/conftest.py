@@ -9,16 +9,14 @@ otherwise write ~/.ray/auth_token); both env changes are undone at the end.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from raymoe.engine.request import SamplingParams
+from tests.helpers import isolated_ray_env
 
 # 6 prompts of different lengths (a mixed prefill/decode batch).
 PROMPTS = [[5 + i * 7 + j for j in range(n)] for i, n in enumerate([1, 3, 7, 12, 20, 33])]
@@ -68,33 +66,24 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_TMPDIR")}
-    tmp = tempfile.mkdtemp(prefix="rm", dir="/tmp")  # short: Ray's socket paths have a length limit
-    os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_TMPDIR"] = tmp
     # Fast node-death detection, so removing a node is noticed in ~2 s instead of ~30 s.
     system_config = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
                      "health_check_initial_delay_ms": 0}
-    cluster = None
-    try:
-        # The dashboard serves Ray's state API (list_actors); other Ray instances here may hold 8265.
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "_system_config": system_config, "include_dashboard": True, "dashboard_port": _free_port()})
-        workers = [cluster.add_node(**WORKER_NODE) for _ in range(2)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        yield cluster, workers
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
+    with isolated_ray_env("rm"):
+        cluster = None
+        try:
+            # The dashboard serves Ray's state API (list_actors); other Ray instances here may hold 8265.
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 1, "_system_config": system_config, "include_dashboard": True,
+                "dashboard_port": _free_port()})
+            workers = [cluster.add_node(**WORKER_NODE) for _ in range(2)]
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+            yield cluster, workers
+        finally:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
 
 
 def _free_port() -> int:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -14,6 +11,7 @@ from collections import defaultdict
 import pytest
 
 from raymoe.observability import metrics
+from tests.helpers import isolated_ray_env
 
 
 class Recorder:
@@ -95,22 +93,12 @@ def local_ray(num_cpus: int):
     """
     import ray
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_ADDRESS")}
-    tmp = tempfile.mkdtemp(prefix="rmo", dir="/tmp")  # short: Ray's socket paths have a length limit
-    os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmp)
-    os.environ.pop("RAY_ADDRESS", None)
-    try:
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
-                       _system_config={"metrics_report_interval_ms": 1000})
-        yield ctx
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
+    with isolated_ray_env("rmo") as tmp:
+        try:
+            yield ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
+                           _system_config={"metrics_report_interval_ms": 1000})
+        finally:
+            ray.shutdown()
 
 
 class MaxScraper:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +27,7 @@ import pytest
 from raymoe.cli import main
 from raymoe.observability.dashboard import CHART_FILE, expressions
 from raymoe.observability.metrics import SPECS
+from tests.helpers import isolated_ray_env, read_lines, wait_for_banner
 
 from .conftest import MaxScraper, base_name
 
@@ -137,86 +136,63 @@ def _wait_replaced(ray, victim: str, timeout_s: float) -> None:
     raise AssertionError(f"Serve did not replace {victim} within {timeout_s:g}s")
 
 
-def _wait_for_banner(proc: subprocess.Popen, lines: queue.Queue, output: list[str], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not any("stop            :" in line for line in output):
-        assert proc.poll() is None, "".join(output)
-        assert time.monotonic() < deadline, "raymoe serve not ready in time:\n" + "".join(output)
-        try:
-            output.append(lines.get(timeout=1))
-        except queue.Empty:
-            continue
-
-
 @pytest.fixture(scope="module")
 def live(tiny_ckpt, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_ADDRESS")}
     tmp = tmp_path_factory.mktemp("live")
-    ray_tmp = Path(os.path.realpath("/tmp")) / f"rml{os.getpid()}"  # short: Ray's socket paths are limited
-    (ray_tmp / "ray").mkdir(parents=True, exist_ok=True)
-    os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp))
-    os.environ.pop("RAY_ADDRESS", None)
-    cluster = proc = scraper = load = None
-    output: list[str] = []
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 8, "include_dashboard": False, "_system_config": {"metrics_report_interval_ms": 1000}})
-        ray.init(address=cluster.address, log_to_driver=False)
-        port = _free_port()
-        config = _write_config(tmp / "raymoe.yaml", tiny_ckpt)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli", "serve", str(config), "--port", str(port),
-                                 "--address", cluster.address], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-        _wait_for_banner(proc, lines, output, timeout_s=240)
-        url = f"http://127.0.0.1:{port}"
-        model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-        scraper = MaxScraper(lambda: httpx.get(f"{url}/metrics", timeout=10).text).start()
-        load = _Load(url, model).start()
-        chat = {"model": model, "max_tokens": 16, "temperature": 0,
-                "messages": [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]}
-        bad = httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": -5}, timeout=60)
-        heavy = httpx.post(f"{url}/v1/chat/completions",
-                           json={**chat, "heavy": {"trajectories": 2, "aggregate": "vote"}}, timeout=120)
-        while load.num_done < 4:
-            time.sleep(0.1)
-        ray.kill(_shard(ray, 1), no_restart=False)
-        assert scraper.missing(["ray_raymoe_shard_restarts_total"], timeout_s=60) == []
-        victim = _non_owner_tier_replica(ray)
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        missing = scraper.missing([f"ray_{n}" for n in SPECS], timeout_s=60)
-        load.finish()
-        _wait_replaced(ray, victim, timeout_s=120)
-        yield dict(address=cluster.address, url=url, missing=missing, max=dict(scraper.max),
-                   bad=bad.status_code, heavy=heavy.status_code, heavy_body=heavy.text, statuses=load.statuses)
-    finally:
-        if load is not None:
+    with isolated_ray_env("rml"):
+        cluster = proc = scraper = load = None
+        output: list[str] = []
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 8, "include_dashboard": False, "_system_config": {"metrics_report_interval_ms": 1000}})
+            ray.init(address=cluster.address, log_to_driver=False)
+            port = _free_port()
+            config = _write_config(tmp / "raymoe.yaml", tiny_ckpt)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli", "serve", str(config), "--port", str(port),
+                                     "--address", cluster.address], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            wait_for_banner(proc, read_lines(proc), output, timeout_s=240)
+            url = f"http://127.0.0.1:{port}"
+            model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+            scraper = MaxScraper(lambda: httpx.get(f"{url}/metrics", timeout=10).text).start()
+            load = _Load(url, model).start()
+            chat = {"model": model, "max_tokens": 16, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]}
+            bad = httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": -5}, timeout=60)
+            heavy = httpx.post(f"{url}/v1/chat/completions",
+                               json={**chat, "heavy": {"trajectories": 2, "aggregate": "vote"}}, timeout=120)
+            while load.num_done < 4:
+                time.sleep(0.1)
+            ray.kill(_shard(ray, 1), no_restart=False)
+            assert scraper.missing(["ray_raymoe_shard_restarts_total"], timeout_s=60) == []
+            victim = _non_owner_tier_replica(ray)
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            missing = scraper.missing([f"ray_{n}" for n in SPECS], timeout_s=60)
             load.finish()
-        if scraper is not None:
-            scraper.stop()
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+            _wait_replaced(ray, victim, timeout_s=120)
+            yield dict(address=cluster.address, url=url, missing=missing, max=dict(scraper.max),
+                       bad=bad.status_code, heavy=heavy.status_code, heavy_body=heavy.text, statuses=load.statuses)
+        finally:
+            if load is not None:
+                load.finish()
+            if scraper is not None:
+                scraper.stop()
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
 
 
 def test_metrics_endpoint_has_every_spec_metric_with_a_non_zero_value(live):

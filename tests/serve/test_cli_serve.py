@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import httpx
 import pytest
 
 from raymoe.serve.run import config_from_args
+from tests.helpers import read_lines, wait_for_banner
 from tests.serve.conftest import REPO, free_port
 
 
@@ -67,18 +66,10 @@ def test_serve_without_arguments_starts_answers_and_stops_cleanly_on_sigterm():
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    lines = read_lines(proc)
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while not any("stop            :" in line for line in output):
-            assert proc.poll() is None, "".join(output)
-            assert time.monotonic() < deadline, "not ready in time:\n" + "".join(output)
-            try:
-                output.append(lines.get(timeout=1))
-            except queue.Empty:
-                continue
+        wait_for_banner(proc, lines, output, timeout_s=240)
         text = "".join(output)
         assert "loading..." in text and f"OpenAI endpoint : http://127.0.0.1:{port}/v1" in text
         assert re.search(r"Ray dashboard   : \S+", text)
