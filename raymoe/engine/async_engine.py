@@ -28,13 +28,14 @@ from raymoe.observability.engine_metrics import EngineMetrics
 class EngineDeadError(RuntimeError):
     """The engine loop failed; the replica must be restarted.
 
-    `arrived_dead`: the request came after the failure and never entered the engine (so it is safe to
-    run elsewhere); False for the requests of the failing step, one of which may have caused it.
+    `safe_elsewhere`: the request had no part in the failing step (it came after the failure, or was
+    still waiting in the queue), so it is safe to run on another replica; False for the requests of
+    the failing step, one of which may have caused it.
     """
 
-    def __init__(self, message: str, *, arrived_dead: bool = False) -> None:
+    def __init__(self, message: str, *, safe_elsewhere: bool = False) -> None:
         super().__init__(message)
-        self.arrived_dead = arrived_dead
+        self.safe_elsewhere = safe_elsewhere
 
 
 @dataclass
@@ -70,7 +71,7 @@ class AsyncEngine:
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield delta outputs for one request; the last one has `finished=True`."""
         if self.error is not None:
-            raise EngineDeadError(f"engine is dead: {self.error}", arrived_dead=True)
+            raise EngineDeadError(f"engine is dead: {self.error}", safe_elsewhere=True)
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, asyncio.Queue())
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -163,9 +164,10 @@ class AsyncEngine:
                 outputs = self.core.step()
             except BaseException as e:  # fatal: fail every live stream, never hang them
                 self.error = e
-                err = EngineDeadError(f"engine step failed: {type(e).__name__}: {e}")
+                message = f"engine step failed: {type(e).__name__}: {e}"
+                in_step = getattr(self.core, "step_request_ids", None)
                 for rid in list(self._sinks):
-                    self._deliver(rid, err)
+                    self._deliver(rid, EngineDeadError(message, safe_elsewhere=in_step is not None and rid not in in_step))
                 return
             self.metrics.on_step(time.perf_counter() - start)
             self.last_step_time = time.monotonic()

@@ -87,6 +87,7 @@ class EngineCore:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self.step_request_ids: frozenset[str] = frozenset()  # requests of the running (or last) step
         self._think_start, self._think_end, self._reasoning_enders = self._reasoning_token_ids(tokenizer)
 
     # -- construction ---------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class EngineCore:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.step_request_ids = frozenset(s.request.request_id for s in out.scheduled)
         sampled = self.runner.execute(out)
         if out.is_empty:
             return []

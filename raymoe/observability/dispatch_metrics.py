@@ -5,7 +5,8 @@
 Cardinality and cost are bounded for K2 (61 layers, 384 experts, tens of shards):
 - tokens per shard are summed into layer groups of `LAYER_GROUP_SIZE` layers on the device (no host
   sync per layer) and exported as counter deltas at most every `interval_s`: groups x shards series.
-- imbalance (max/mean of tokens over shards, per engine) is measured over each export window.
+- imbalance (max/mean of tokens over shards, per engine) is measured over each export window; a
+  flush with nothing new re-sets the last value (the idle engine's keepalive, engine_metrics.py).
 - per-expert counters (layers x experts = 23k series for K2) exist only with
   `parallel.per_expert_metrics` and are exported every `expert_interval_s` and when the engine goes
   idle (23k `inc` calls take ~170 ms at 7.5 µs each, measured 2026-11 on the dev box).
@@ -145,6 +146,8 @@ class DispatchMetrics:
                 for s, n in enumerate(counts.tolist()):
                     metrics.inc("raymoe_shard_tokens_total", n, shard=str(s), layer_group=label)
             self._set_imbalance(window)
+        elif self.imbalance is not None:  # nothing ran since: keep the last value alive in Ray's agent
+            metrics.set_gauge("raymoe_expert_load_imbalance", self.imbalance, engine=self.engine)
         if experts and self._experts:
             self._last_expert_flush = now
             layers, self._experts = self._experts, {}

@@ -6,9 +6,11 @@ Histograms (step time, batch size) are observed every step: two calls, ~30 µs o
 (2026-11), against steps of milliseconds. Gauges (running/waiting, KV usage, prefix hit rate, tokens/s)
 and the prefix-cache counters are read from the engine at most every `interval_s`, since Ray exports
 every few seconds anyway. While idle the engine keeps publishing until its tokens/s (a trailing
-window) has decayed to 0, so a quiet replica does not keep showing its last busy numbers, then
-stops. Every call is a no-op outside Ray; a metrics failure is logged once and never reaches the
-engine loop.
+window) has decayed to 0, so a quiet replica does not keep showing its last busy numbers; after
+that it re-publishes the unchanged gauges (its own and the expert tier's) every `keepalive_s`, since
+Ray's metrics agent drops a series its process has not reported lately (seen in Ray 2.60: an idle
+replica's imbalance gauge vanished from the agent while the replica lived). Every call is a no-op
+outside Ray; a metrics failure is logged once and never reaches the engine loop.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 GAUGE_INTERVAL_S = 0.5
 RATE_WINDOW_S = 2.0
+KEEPALIVE_S = 1.0
 
 
 def replica_tag() -> str:
@@ -57,19 +60,21 @@ class EngineMetrics:
     Args:
         core: the engine; read, never changed. If it has `flush_metrics()` (the expert-parallel
             engine), that is called when the engine goes idle, so expert-load counters are exported
-            without waiting for more traffic.
+            without waiting for more traffic, and again with each keepalive.
         replica: the `replica` tag (default: `replica_tag()`).
         interval_s: how often gauges and counters are refreshed.
         rate_window_s: tokens/s is measured over this trailing window (so a burst shorter than
             `interval_s` still shows, and an idle engine decays to 0 within the window).
+        keepalive_s: how often an idle engine re-publishes its unchanged gauges.
     """
 
     def __init__(self, core: Any, *, replica: str | None = None, interval_s: float = GAUGE_INTERVAL_S,
-                 rate_window_s: float = RATE_WINDOW_S) -> None:
+                 rate_window_s: float = RATE_WINDOW_S, keepalive_s: float = KEEPALIVE_S) -> None:
         self.core = core
         self.replica = replica or replica_tag()
         self.interval_s = interval_s
         self.rate_window_s = rate_window_s
+        self.keepalive_s = keepalive_s
         now = time.monotonic()
         self._last_flush = now
         self._last_steps = core.stats.num_steps
@@ -95,19 +100,25 @@ class EngineMetrics:
             self._fail(e)
 
     def on_idle(self) -> None:
-        """Called on each idle wait: publish the draining state until tokens/s has decayed to 0."""
-        if self._quiet:
-            return
+        """Called on each idle wait: publish the draining state until tokens/s has decayed to 0, then
+        re-publish the unchanged gauges every `keepalive_s`."""
         try:
             if not self._core_flushed:
                 self._core_flushed = True
-                flush_more = getattr(self.core, "flush_metrics", None)
-                if callable(flush_more):
-                    flush_more()
-            if time.monotonic() - self._last_flush >= self.interval_s and self.flush() == 0.0:
+                self._flush_core()
+            if time.monotonic() - self._last_flush < (self.keepalive_s if self._quiet else self.interval_s):
+                return
+            if self._quiet:
+                self._flush_core()  # the expert tier's gauges need the keepalive as much
+            if self.flush() == 0.0:
                 self._quiet = True
         except Exception as e:
             self._fail(e)
+
+    def _flush_core(self) -> None:
+        flush_more = getattr(self.core, "flush_metrics", None)
+        if callable(flush_more):
+            flush_more()
 
     def flush(self) -> float:
         """Publish the gauges and counter deltas now; returns the tokens/s it published."""

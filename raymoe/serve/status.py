@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from raymoe.observability.dispatch_metrics import load_imbalance
 
 SHARD_PREFIX = "raymoe-expert-"
 TIMEOUT_S = 5.0
+IMBALANCE_WAIT_S = 5.0  # how long to re-scrape for an imbalance gauge that is missing (see below)
 
 
 @dataclass
@@ -100,7 +102,8 @@ def collect_status(timeout_s: float = TIMEOUT_S) -> ClusterStatus:
     report.shards = _collect_shards(named, node_names, timeout_s)
     live = {rid for app in report.applications.values() for d in app["deployments"].values()
             for rid, _ in d["replicas"]}
-    report.current_imbalance, report.metrics_problem = _current_imbalance(live, timeout_s)
+    report.current_imbalance, report.metrics_problem = _current_imbalance(
+        live, timeout_s, wait_s=IMBALANCE_WAIT_S if report.shards else 0.0)
     return report
 
 
@@ -191,12 +194,26 @@ def _collect_shards(named: list[dict[str, str]], node_names: dict[str, str], tim
     return sorted(shards, key=lambda s: (s.namespace, s.group, s.shard_id))
 
 
-def _current_imbalance(live_replicas: set[str], timeout_s: float) -> tuple[dict[str, float], str | None]:
+def _current_imbalance(live_replicas: set[str], timeout_s: float,
+                       wait_s: float = 0.0) -> tuple[dict[str, float], str | None]:
     """The last exported `raymoe_expert_load_imbalance` per engine, and why it is missing, if it is.
 
-    Ray's agent keeps the last value of a dead process's gauge, so engines tagged with a Serve replica
-    id that is no longer live are left out (engines outside Serve are tagged `pid*`/`actor-*`).
+    Ray's agent drops a gauge whose process missed two export intervals (20 s at Ray's default
+    interval, 2 s at the 1 s one the tests use): a replica starved of CPU for a moment, say while
+    another one loads its model, vanishes from one scrape and is back at the next. So while nothing is found the scrape is repeated for up to `wait_s`.
     """
+    deadline = time.monotonic() + wait_s
+    while True:
+        found, problem = _scrape_imbalance(live_replicas, timeout_s)
+        if found or problem or time.monotonic() >= deadline:
+            return found, problem
+        time.sleep(0.5)
+
+
+def _scrape_imbalance(live_replicas: set[str], timeout_s: float) -> tuple[dict[str, float], str | None]:
+    """One scrape of the imbalance gauges. A gauge of a replica that is no longer live may linger until
+    Ray's agent drops it, so engines tagged with a Serve replica id that is not live are left out
+    (engines outside Serve are tagged `pid*`/`actor-*`)."""
     import re
 
     from raymoe.observability.metrics import scrape_cluster

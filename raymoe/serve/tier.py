@@ -177,9 +177,9 @@ class AttentionTier:
         except EngineDeadError as e:
             logger.error("engine of replica %s is dead: %s", self.replica_id, e)
             err = unavailable(f"the engine failed; retry: {e}", retry_after_s=self.retry_after_s)
-            # a request that never entered the dead engine is resubmitted elsewhere by the client; one
-            # of the failing step is not (it may be what broke the engine)
-            yield dataclasses.replace(err, code=ENGINE_DEAD) if e.arrived_dead else err
+            # a request with no part in the failing step (it came later, or was waiting) is resubmitted
+            # elsewhere by the client; one of the failing step is not (it may be what broke the engine)
+            yield dataclasses.replace(err, code=ENGINE_DEAD) if e.safe_elsewhere else err
 
     def model_info(self) -> ModelInfo:
         return self.info

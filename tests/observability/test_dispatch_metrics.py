@@ -33,11 +33,14 @@ def test_per_expert_series_only_when_enabled(recorder):
 
 def test_a_flush_exports_only_what_came_since_the_last_one(recorder):
     m = DispatchMetrics(2, 4, engine="e0", interval_s=3600)
+    m.flush()  # nothing ran yet: no imbalance to report
+    assert recorder.gauge("raymoe_expert_load_imbalance", engine="e0") is None
     m.add_tokens(0, torch.tensor([4, 4]), torch.zeros(4, dtype=torch.long))
     m.flush()
     m.add_tokens(0, torch.tensor([6, 0]), torch.zeros(4, dtype=torch.long))
     m.flush()
-    m.flush()  # empty window: the imbalance keeps its last value
+    recorder.gauges.clear()
+    m.flush()  # empty window: the last value is set again (keeps the series alive in Ray's agent)
     assert recorder.counter("raymoe_shard_tokens_total", shard="0", layer_group="0-7") == 10
     assert recorder.gauge("raymoe_expert_load_imbalance", engine="e0") == 2.0  # 6 vs 0 in the last window
 

@@ -53,10 +53,11 @@ def test_gauges_are_throttled(recorder):
     assert len(recorder.observed[recorder.key("raymoe_engine_step_seconds", {"replica": "r1"})]) == 10
 
 
-def test_idle_engine_publishes_until_tokens_per_second_decays_to_zero_then_stops(recorder):
+def test_idle_engine_publishes_until_tokens_per_second_decays_to_zero_then_keeps_gauges_alive(recorder):
     flushed: list = []
     core = _core(flushed)
-    m = EngineMetrics(core, replica="r1", interval_s=0.0, rate_window_s=0.05)
+    m = EngineMetrics(core, replica="r1", interval_s=0.0, rate_window_s=0.05, keepalive_s=0.2)
+    core.kv.usage = 0.5
     _step(core, 4)
     m.on_step(0.01)
     m.on_idle()
@@ -65,8 +66,16 @@ def test_idle_engine_publishes_until_tokens_per_second_decays_to_zero_then_stops
     m.on_idle()
     assert recorder.gauge("raymoe_tokens_per_second", replica="r1") == 0.0
     recorder.gauges.clear()
-    m.on_idle()  # quiet: nothing more until the next step
+    m.on_idle()  # quiet: nothing more until the keepalive is due
     assert recorder.gauges == {} and flushed == [True]
+    time.sleep(0.25)
+    m.on_idle()  # keepalive: the same values again (Ray's agent drops series not reported lately)
+    assert recorder.gauge("raymoe_tokens_per_second", replica="r1") == 0.0
+    assert recorder.gauge("raymoe_kv_cache_usage_ratio", replica="r1") == 0.5
+    assert flushed == [True, True]  # and the expert tier's gauges with them
+    recorder.gauges.clear()
+    m.on_idle()
+    assert recorder.gauges == {}  # not again before the next keepalive
 
 
 def test_a_broken_core_never_raises_into_the_engine_loop(recorder):

@@ -26,7 +26,7 @@ import pytest
 
 from raymoe.cli import main
 from raymoe.observability.dashboard import CHART_FILE, expressions
-from raymoe.observability.metrics import SPECS
+from raymoe.observability.metrics import SPECS, scrape_cluster
 from tests.helpers import isolated_ray_env, read_lines, wait_for_banner
 
 from .conftest import MaxScraper, base_name
@@ -64,7 +64,7 @@ class _Load:
         self.url, self.model = url, model
         self.stop = threading.Event()
         self.num_done = 0
-        self.statuses: list[int] = []
+        self.lost: list[str] = []  # time, status and body of each request answered with an error
         self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(num_clients)]
 
     def _client(self, i: int) -> None:
@@ -74,9 +74,10 @@ class _Load:
                 body = {"model": self.model, "max_tokens": 32, "temperature": 0, "ignore_eos": True, "stream": True,
                         "messages": [{"role": "user", "content": f"client {i} request {n % 3}: tell me a story"}]}
                 with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                    for _ in r.iter_lines():
-                        pass
-                    self.statuses.append(r.status_code)
+                    lines = list(r.iter_lines())
+                    # an error event after a 200 (the stream failed midway) is a lost request too
+                    if r.status_code != 200 or any(line.startswith('data: {"error"') for line in lines):
+                        self.lost.append(f"{time.monotonic():.1f} {r.status_code} {' '.join(lines)[-500:]}")
                 n += 1
                 self.num_done += 1
 
@@ -156,7 +157,8 @@ def live(tiny_ckpt, tmp_path_factory):
             proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli", "serve", str(config), "--port", str(port),
                                      "--address", cluster.address], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
-            wait_for_banner(proc, read_lines(proc), output, timeout_s=240)
+            lines = read_lines(proc)
+            wait_for_banner(proc, lines, output, timeout_s=240)
             url = f"http://127.0.0.1:{port}"
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
             scraper = MaxScraper(lambda: httpx.get(f"{url}/metrics", timeout=10).text).start()
@@ -168,15 +170,29 @@ def live(tiny_ckpt, tmp_path_factory):
                                json={**chat, "heavy": {"trajectories": 2, "aggregate": "vote"}}, timeout=120)
             while load.num_done < 4:
                 time.sleep(0.1)
+            at_start = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                              if "#AttentionTier#" in a["name"])
+            events = [f"{time.monotonic():.1f} kill shard 1"]
             ray.kill(_shard(ray, 1), no_restart=False)
             assert scraper.missing(["ray_raymoe_shard_restarts_total"], timeout_s=60) == []
             victim = _non_owner_tier_replica(ray)
+            events.append(f"{time.monotonic():.1f} kill replica {victim}")
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             missing = scraper.missing([f"ray_{n}" for n in SPECS], timeout_s=60)
             load.finish()
             _wait_replaced(ray, victim, timeout_s=120)
+            while not lines.empty():
+                output.append(lines.get())
+            errors = [line.rstrip() for line in output if re.search(r"ERROR|Error|WARNING|Traceback", line)]
+            text = scrape_cluster(prefixes=("ray_raymoe_expert_load_imbalance", "ray_raymoe_num_requests_running"))
+            gauges = "\n".join(re.sub(r'(Session\w*|Version|WorkerId|otel_scope_\w+|NodeAddress|Component)="[^"]*",?', "",
+                                      line) for line in text.splitlines() if not line.startswith("#"))
+            replicas = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                              if "#AttentionTier#" in a["name"])
             yield dict(address=cluster.address, url=url, missing=missing, max=dict(scraper.max),
-                       bad=bad.status_code, heavy=heavy.status_code, heavy_body=heavy.text, statuses=load.statuses)
+                       bad=bad.status_code, heavy=heavy.status_code, heavy_body=heavy.text, lost=load.lost,
+                       log="\n".join(events + errors[-60:]),
+                       debug=f"\nreplicas {at_start}, victim {victim}, now {replicas}\n{gauges}")
         finally:
             if load is not None:
                 load.finish()
@@ -198,7 +214,8 @@ def live(tiny_ckpt, tmp_path_factory):
 def test_metrics_endpoint_has_every_spec_metric_with_a_non_zero_value(live):
     assert live["bad"] == 400
     assert live["heavy"] == 200, live["heavy_body"]
-    assert set(live["statuses"]) == {200}  # the killed shard and replica cost no client a request
+    # the killed shard and replica cost no client a request: no error status, no error event mid-stream
+    assert live["lost"] == [], "\n".join(live["lost"]) + "\n" + live["log"]
     assert live["missing"] == [], {n: live["max"].get(n) for n in live["missing"]}
 
 
@@ -227,4 +244,4 @@ def test_raymoe_status_prints_apps_replicas_shards_nodes_and_load(live, capsys):
     assert [s[0] for s in shards] == ["0", "1"], out
     assert int(shards[0][2]) > 0  # shard 0 served tokens since it started (shard 1 restarted mid-run)
     assert re.search(r"imbalance since shard start \(max/mean tokens\): \d+\.\d\d", out), out
-    assert re.search(r"engine \w+: \d+\.\d\d", out), out
+    assert re.search(r"engine \w+: \d+\.\d\d", out), out + live["debug"]

@@ -90,7 +90,7 @@ class ScriptedEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         if self.dead:
-            raise EngineDeadError("engine is dead: scripted", arrived_dead=True)
+            raise EngineDeadError("engine is dead: scripted", safe_elsewhere=True)
         prompt = self.tokenizer.decode(prompt_token_ids)
         if "SCRIPT:die" in prompt:
             self.dead = True
