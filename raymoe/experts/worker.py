@@ -9,9 +9,12 @@ Ray may restart them (`max_restarts`) and the engine simply re-runs the layer.
 
 `ExpertPool` creates the named actors `raymoe-expert-<group>-<shard>` (in the driver's Ray namespace)
 in a SPREAD placement group, or joins an existing pool of that name, so several engines can share one
-pool; it only kills actors it created. It also implements recovery: wait for Ray to restart a shard,
-adopt a replacement another engine created under the same name, and, when a restart stays pending
-(placement-group bundle stuck on a dead node), recreate the shard without the placement group.
+pool; it only kills actors it created (engines that start together race for the names: the loser
+adopts the winner's shard and does not own it). It also implements recovery: wait for Ray to restart
+a shard, adopt a replacement another engine created under the same name, re-create a shard that died
+with the engine that created it (Ray ties an actor to its creator's process and does not restart it
+then), and, when a restart stays pending (placement-group bundle stuck on a dead node), recreate the
+shard without the placement group.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    ActorAlreadyExistsError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -92,18 +102,21 @@ def _renice_process() -> None:
     _renice(tids)
 
 
-def _is_dead(handle: Any) -> bool:
-    """True when GCS says the actor is DEAD for good (not RESTARTING).
+def _death(handle: Any) -> str | None:
+    """None while the actor lives or restarts; once GCS says it is DEAD for good, why: "OWNER_DIED"
+    (the engine process that created it is gone) or "" (any other reason: max_restarts used up...).
 
-    Ray's public state API needs the dashboard; the GCS actor table does not. A dead named actor
-    keeps resolving by name, and calls to a restarting one just queue, so this is the only signal
-    that lets a step fail at once instead of waiting out recovery_timeout_s.
+    Ray's public state API needs the dashboard; the GCS actor table does not. Calls to a restarting
+    actor just queue, so this is the only signal that lets a step fail (or re-create the shard) at
+    once instead of waiting out recovery_timeout_s.
     """
     try:
         table = ray._private.state.state.actor_table(handle._actor_id.hex())
     except Exception:  # private API moved: fall back to waiting for the deadline
-        return False
-    return bool(table) and table.get("State") == "DEAD"
+        return None
+    if not table or table.get("State") != "DEAD":
+        return None
+    return "OWNER_DIED" if "OWNER_DIED" in str(table.get("DeathCause", "")) else ""
 
 
 def shard_name(group: str, shard_id: int) -> str:
@@ -167,6 +180,9 @@ class ExpertWorker:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def placement_group_id(self) -> str | None:
+        return ray.get_runtime_context().get_placement_group_id()
 
     def describe(self) -> dict[str, Any]:
         return self.spec.identity()
@@ -270,6 +286,7 @@ class ExpertPool:
         self.handles: list[Any] = [None] * len(specs)
         self.owned = [False] * len(specs)
         self.pg: PlacementGroup | None = None
+        self._creator_pgs: dict[int, str | None] = {}  # shard -> id of the placement group it runs in
         self._resource = pcfg.expert_resource if (
             pcfg.expert_resource and ray.cluster_resources().get(pcfg.expert_resource, 0) >= 1) else None
         self._start()
@@ -313,13 +330,20 @@ class ExpertPool:
                                    f"SPREAD) within {self.pcfg.recovery_timeout_s:g}s; available: "
                                    f"{ray.available_resources()}") from None
         for i in missing:
-            self.handles[i] = self._create(i, use_pg=self.pg is not None)
-            self.owned[i] = True
+            self.handles[i], self.owned[i] = self._create_or_adopt(i, use_pg=self.pg is not None)
+        if self.pg is not None and not any(self.owned):  # another engine won every race: its shards, its group
+            remove_placement_group(self.pg)
+            self.pg = None
         try:
             infos = ray.get([h.describe.remote() for h in self.handles], timeout=STARTUP_TIMEOUT_S)
         except (RayActorError, GetTimeoutError) as e:
             self.close()
             raise RuntimeError(f"expert shards {self.names} failed to start: {e}") from e
+        # The placement group a joined shard runs in belongs to the engine that created it; if that engine
+        # dies, the group outlives it (groups live as long as their job), so whoever re-creates the shard
+        # removes it (see wait_recovered).
+        self._creator_pgs = dict(enumerate(ray.get([h.placement_group_id.remote() for h in self.handles],
+                                                   timeout=STARTUP_TIMEOUT_S)))
         for name, spec, info in zip(self.names, self.specs, infos):
             if info != spec.identity():
                 self.close()
@@ -327,8 +351,22 @@ class ExpertPool:
                                  "use another parallel.expert_group")
         self.sync_experts({i: s.experts for i, s in enumerate(self.specs)})
 
+    def _create_or_adopt(self, i: int, *, use_pg: bool) -> tuple[Any, bool]:
+        """(handle, created): shard i created here, or the one another engine registered under its name
+        first (engines of one group start together, e.g. Serve replicas). Only a creator owns a shard:
+        Ray ties it to the creator's process, and only the creator kills it on close."""
+        for _ in range(100):
+            try:
+                return self._create(i, use_pg=use_pg), True
+            except ActorAlreadyExistsError:
+                handle = self._lookup(i)
+                if handle is not None:
+                    return handle, False
+                time.sleep(0.05)  # the other one died between our create and lookup: try again
+        raise RuntimeError(f"expert shard {self.names[i]}: neither created nor found")
+
     def _create(self, i: int, *, use_pg: bool) -> Any:
-        opts: dict[str, Any] = dict(name=self.names[i], namespace=self.namespace, get_if_exists=True,
+        opts: dict[str, Any] = dict(name=self.names[i], namespace=self.namespace,
                                     max_restarts=self.pcfg.max_restarts, max_task_retries=0,
                                     num_cpus=self.pcfg.shard_num_cpus, num_gpus=self.pcfg.shard_num_gpus,
                                     max_concurrency=4)  # ping and several engines' calls alongside a forward
@@ -404,11 +442,37 @@ class ExpertPool:
                     current = self._lookup(i)
                     if current is not None and current._actor_id != self.handles[i]._actor_id:
                         self.handles[i] = current  # re-created under its name by an engine sharing the pool
+                        self.owned[i] = False
                         continue
-                    if _is_dead(self.handles[i]):
+                    death = _death(self.handles[i])
+                    if death == "OWNER_DIED" and current is None:
+                        # the engine that created it is gone (a replica killed or scaled down); Ray does
+                        # not restart such an actor, so whichever engine still uses the pool re-creates it
+                        log.warning("expert shard %s died with the engine that created it; re-creating it",
+                                    self.names[i])
+                        self._remove_creator_pg(i)
+                        self.handles[i], self.owned[i] = self._create_or_adopt(i, use_pg=False)
+                        continue
+                    if death is not None:
                         raise RuntimeError(f"expert shard {self.names[i]} did not recover within {limit:g}s: "
                                            f"it is dead (max_restarts={self.pcfg.max_restarts} used up)") from e
                     time.sleep(0.05)
+
+    def _remove_creator_pg(self, i: int) -> None:
+        """Release the placement group shard i ran in, when another (now dead) engine created it: its
+        bundles would stay reserved; every shard in it died with that engine too."""
+        from ray._raylet import PlacementGroupID
+
+        pg_id = self._creator_pgs.pop(i, None)
+        if pg_id is None or (self.pg is not None and self.pg.id.hex() == pg_id):
+            return
+        for j, other in list(self._creator_pgs.items()):  # the group's other shards: same creator, same fate
+            if other == pg_id:
+                del self._creator_pgs[j]
+        try:
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+        except Exception as e:  # already removed (its job ended) or never created: nothing held
+            log.info("placement group %s of a dead engine: %s", pg_id, e)
 
     def _recreate_without_pg(self, i: int) -> None:
         log.warning("expert shard %s: restart still pending; recreating it outside the placement group",
@@ -418,7 +482,7 @@ class ExpertPool:
             if self._lookup(i) is None:
                 break
             time.sleep(0.05)
-        self.handles[i] = self._create(i, use_pg=False)
+        self.handles[i], self.owned[i] = self._create_or_adopt(i, use_pg=False)
 
     def close(self) -> None:
         """Kill the shards this pool created and its placement group; joined shards are left running."""

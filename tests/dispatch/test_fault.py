@@ -1,4 +1,5 @@
-"""Fault recovery: a shard killed mid-generation, a worker node removed, a shard that never comes back.
+"""Fault recovery: a shard killed mid-generation, shards gone with the engine that created them, a worker
+node removed, a shard that never comes back.
 
 A dead shard fails the current MoE layer; the dispatcher waits for Ray to restart it (bounded by
 recovery_timeout_s), re-forms the transport and re-runs that layer, so every request finishes with
@@ -53,6 +54,42 @@ def test_killed_shard_recovers_with_identical_tokens_on_both_transports(ray_clus
             finally:
                 if llm is not a:
                     llm.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class _EngineProcess:
+    """An engine in a process of its own, like a Serve replica: Ray ties the shards it creates to it."""
+
+    def __init__(self, path: str, kw: dict) -> None:
+        self.llm = LLM(path, transport="ray", **kw)
+
+    def owned(self) -> list[bool]:
+        return list(self.llm.engine.pool.owned)
+
+
+def test_shards_that_die_with_their_creator_are_recreated_by_the_engine_still_using_them(ray_cluster, make_ckpt):
+    path = make_ckpt("tiny")
+    want = local_greedy(path, params=LONG_GREEDY)
+    kw = dict(num_expert_shards=2, expert_group="fault-owner", **SHARD_KW)
+    creator = _EngineProcess.remote(path, kw)
+    assert ray.get(creator.owned.remote()) == [True, True]
+    groups = _live_placement_groups()
+    with LLM(path, transport="ray", **kw) as survivor:
+        assert not any(survivor.engine.pool.owned)  # joined: the creator's shards
+        assert _live_placement_groups() == groups  # in the creator's placement group
+        killer = _after_steps(survivor, 3, lambda: ray.kill(creator, no_restart=True))  # e.g. a replica scaled down
+        assert generate_ids(survivor, LONG_GREEDY) == want
+        killer.join()
+        assert all(survivor.engine.pool.owned)  # it re-created both (and will kill them on shutdown)
+        assert len(survivor.engine.dispatcher.recovery_times) >= 1
+        # the dead creator's placement group (which outlives it) was released, not left holding resources
+        assert len(_live_placement_groups()) == len(groups) - 1
+
+
+def _live_placement_groups() -> list[str]:
+    from ray.util import placement_group_table
+
+    return sorted(k for k, v in placement_group_table().items() if v["state"] != "REMOVED")
 
 
 def test_shard_that_never_returns_fails_fast_with_a_clear_error(ray_cluster, make_ckpt):
