@@ -11,9 +11,9 @@ Ray may restart them (`max_restarts`) and the engine simply re-runs the layer.
 in a SPREAD placement group, or joins an existing pool of that name, so several engines can share one
 pool; it only kills actors it created (engines that start together race for the names: the loser
 adopts the winner's shard and does not own it). It also implements recovery: wait for Ray to restart
-a shard, adopt a replacement another engine created under the same name, re-create a shard that died
-with the engine that created it (Ray ties an actor to its creator's process and does not restart it
-then), and, when a restart stays pending (placement-group bundle stuck on a dead node), recreate the
+a shard, adopt a replacement another engine created under the same name, re-create a shard that went
+away with the engine that created it (Ray ties an actor to its creator's process and does not restart
+it then; a creator that shuts down kills its shards), and, when a restart stays pending (placement-group bundle stuck on a dead node), recreate the
 shard without the placement group.
 """
 
@@ -102,9 +102,10 @@ def _renice_process() -> None:
     _renice(tids)
 
 
-def _death(handle: Any) -> str | None:
-    """None while the actor lives or restarts; once GCS says it is DEAD for good, why: "OWNER_DIED"
-    (the engine process that created it is gone) or "" (any other reason: max_restarts used up...).
+def _death(handle: Any) -> tuple[str, int] | None:
+    """None while the actor lives or restarts; once GCS says it is DEAD for good, (why, restarts):
+    why is "OWNER_DIED" (the engine process that created it is gone) or "" (killed for good, or its
+    max_restarts used up); restarts is how often Ray restarted it.
 
     Ray's public state API needs the dashboard; the GCS actor table does not. Calls to a restarting
     actor just queue, so this is the only signal that lets a step fail (or re-create the shard) at
@@ -116,7 +117,7 @@ def _death(handle: Any) -> str | None:
         return None
     if not table or table.get("State") != "DEAD":
         return None
-    return "OWNER_DIED" if "OWNER_DIED" in str(table.get("DeathCause", "")) else ""
+    return ("OWNER_DIED" if "OWNER_DIED" in str(table.get("DeathCause", "")) else ""), int(table.get("NumRestarts", 0))
 
 
 def shard_name(group: str, shard_id: int) -> str:
@@ -445,10 +446,12 @@ class ExpertPool:
                         self.owned[i] = False
                         continue
                     death = _death(self.handles[i])
-                    if death == "OWNER_DIED" and current is None:
-                        # the engine that created it is gone (a replica killed or scaled down); Ray does
-                        # not restart such an actor, so whichever engine still uses the pool re-creates it
-                        log.warning("expert shard %s died with the engine that created it; re-creating it",
+                    if death is not None and current is None and (
+                            death[0] == "OWNER_DIED" or not 0 <= self.pcfg.max_restarts <= death[1]):
+                        # Dead with restarts left: the engine that created it is gone, or closed it (a
+                        # replica killed or scaled down). Ray does not restart it then, so whichever
+                        # engine still uses the pool re-creates it.
+                        log.warning("expert shard %s went away with the engine that created it; re-creating it",
                                     self.names[i])
                         self._remove_creator_pg(i)
                         self.handles[i], self.owned[i] = self._create_or_adopt(i, use_pg=False)

@@ -66,24 +66,34 @@ class _EngineProcess:
     def owned(self) -> list[bool]:
         return list(self.llm.engine.pool.owned)
 
+    def shutdown(self) -> None:
+        self.llm.shutdown()  # kills the shards it created, as a replica does when Serve scales it down
 
-def test_shards_that_die_with_their_creator_are_recreated_by_the_engine_still_using_them(ray_cluster, make_ckpt):
+
+@pytest.mark.parametrize("how", ["killed", "shut down"])
+def test_shards_that_go_away_with_their_creator_are_recreated_by_the_engine_still_using_them(
+        ray_cluster, make_ckpt, how):
     path = make_ckpt("tiny")
     want = local_greedy(path, params=LONG_GREEDY)
-    kw = dict(num_expert_shards=2, expert_group="fault-owner", **SHARD_KW)
+    kw = dict(num_expert_shards=2, expert_group=f"fault-owner-{how.replace(' ', '')}", **SHARD_KW)
     creator = _EngineProcess.remote(path, kw)
     assert ray.get(creator.owned.remote()) == [True, True]
     groups = _live_placement_groups()
     with LLM(path, transport="ray", **kw) as survivor:
         assert not any(survivor.engine.pool.owned)  # joined: the creator's shards
         assert _live_placement_groups() == groups  # in the creator's placement group
-        killer = _after_steps(survivor, 3, lambda: ray.kill(creator, no_restart=True))  # e.g. a replica scaled down
+        if how == "killed":  # a replica killed: its shards die with its process (and Ray does not restart them)
+            killer = _after_steps(survivor, 3, lambda: ray.kill(creator, no_restart=True))
+        else:
+            killer = _after_steps(survivor, 3, lambda: ray.get(creator.shutdown.remote()))
         assert generate_ids(survivor, LONG_GREEDY) == want
         killer.join()
         assert all(survivor.engine.pool.owned)  # it re-created both (and will kill them on shutdown)
         assert len(survivor.engine.dispatcher.recovery_times) >= 1
-        # the dead creator's placement group (which outlives it) was released, not left holding resources
+        # the creator's placement group is gone: removed on shutdown, or (killed: groups outlive their
+        # creator) by the survivor when it re-created the shards
         assert len(_live_placement_groups()) == len(groups) - 1
+    ray.kill(creator)
 
 
 def _live_placement_groups() -> list[str]:
