@@ -200,7 +200,8 @@ def _current_imbalance(live_replicas: set[str], timeout_s: float,
 
     Ray's agent drops a gauge whose process missed two export intervals (20 s at Ray's default
     interval, 2 s at the 1 s one the tests use): a replica starved of CPU for a moment, say while
-    another one loads its model, vanishes from one scrape and is back at the next. So while nothing is found the scrape is repeated for up to `wait_s`.
+    another one loads its model, vanishes from one scrape and is back at the next. So while nothing
+    is found the scrape is repeated for up to `wait_s`.
     """
     deadline = time.monotonic() + wait_s
     while True:

@@ -176,6 +176,41 @@ def test_one_pool_serves_two_engines_at_once(ray_cluster, make_ckpt):
 
 
 @pytest.mark.ray
+def test_an_engine_that_loses_the_race_for_the_shard_names_adopts_them_without_owning_them(
+        ray_cluster, make_ckpt, monkeypatch):
+    """Engines of one group start together (Serve replicas): both find no shards and both create them.
+    The loser must adopt the winner's shards without owning them (Ray ties a shard to its creator)."""
+    import ray
+    from ray.util import placement_group_table
+
+    from raymoe.experts.worker import ExpertPool
+
+    def live_groups() -> set[str]:
+        return {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+
+    path = make_ckpt("tiny")
+    want = local_greedy(path)
+    kw = dict(num_expert_shards=2, transport="ray", expert_group="race", **SHARD_KW)
+    with LLM(path, **kw) as a:
+        groups = live_groups()
+        real_lookup = ExpertPool._lookup
+        looks = {"n": 0}
+
+        def late_lookup(self, i):  # the first look at each name finds nothing: the other engine is mid-create
+            looks["n"] += 1
+            return None if looks["n"] <= 2 else real_lookup(self, i)
+
+        monkeypatch.setattr(ExpertPool, "_lookup", late_lookup)
+        with LLM(path, **kw) as b:
+            assert all(a.engine.pool.owned) and not any(b.engine.pool.owned)
+            assert [h._actor_id for h in b.engine.pool.handles] == [h._actor_id for h in a.engine.pool.handles]
+            assert b.engine.pool.pg is None and live_groups() == groups  # it released the group it made in vain
+            assert generate_ids(b) == want
+        assert all(ray.get([h.ping.remote() for h in a.engine.pool.handles]))  # b's shutdown left them alone
+        assert generate_ids(a) == want
+
+
+@pytest.mark.ray
 def test_joining_a_pool_that_serves_another_model_is_rejected(ray_cluster, make_ckpt):
     kw = dict(num_expert_shards=1, transport="ray", expert_group="guard", **SHARD_KW)
     with LLM(make_ckpt("tiny"), **kw):
