@@ -127,10 +127,25 @@ def test_removed_worker_node_replaces_shards_on_the_remaining_node(ray_cluster, 
         before = actor_nodes(f"raymoe-expert-{group}-")
         assert len(set(before.values())) == 2
         victim = next(w for w in workers if w.node_id == before[f"raymoe-expert-{group}-1"])
-        remover = _after_steps(llm, 3, lambda: cluster.remove_node(victim, allow_graceful=False))
+        execute, steps = llm.engine.runner.execute, {"n": 0}
+
+        def remove_before_third_step(out):
+            # Removed inside the step, and only once Ray has marked the node dead: a shard process on a
+            # killed node can keep answering for a moment, long enough for a short generation to end
+            # without ever meeting the fault.
+            steps["n"] += 1
+            if steps["n"] == 3:
+                cluster.remove_node(victim, allow_graceful=False)
+                deadline = time.monotonic() + 60
+                while any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()):
+                    assert time.monotonic() < deadline, "Ray did not mark the removed node dead"
+                    time.sleep(0.1)
+            return execute(out)
+
+        llm.engine.runner.execute = remove_before_third_step
         try:
             assert generate_ids(llm, LONG_GREEDY) == want
-            remover.join()
+            assert steps["n"] > 3 and llm.engine.dispatcher.recovery_times  # the fault was met mid-generation
             survivor = next(w.node_id for w in workers if w is not victim)
             assert set(llm.engine.pool.node_ids()) == {survivor}
             assert set(actor_nodes(f"raymoe-expert-{group}-").values()) == {survivor}

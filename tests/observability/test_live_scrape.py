@@ -99,8 +99,13 @@ def _shard(ray, index: int):
     return ray.get_actor(name, namespace=namespace)
 
 
+def _tier_replicas(ray) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#AttentionTier#" in a["name"])
+
+
 def _owner_of_shards(ray) -> tuple[str, str]:
-    """(ip, port) of the worker that created the expert shards (its death would take them along)."""
+    """(ip, port) of the worker that created shard 0 (its death takes the shard along; the other replica
+    would re-create it, but this test kills a replica for its resubmissions, not for that)."""
     handle = _shard(ray, 0)
     owner = ray._private.state.state.actor_table(handle._actor_id.hex())["OwnerAddress"]
     return owner["IPAddress"], str(owner["Port"])
@@ -142,7 +147,6 @@ def live(tiny_ckpt, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-
     tmp = tmp_path_factory.mktemp("live")
     with isolated_ray_env("rml"):
         cluster = proc = scraper = load = None
@@ -170,8 +174,7 @@ def live(tiny_ckpt, tmp_path_factory):
                                json={**chat, "heavy": {"trajectories": 2, "aggregate": "vote"}}, timeout=120)
             while load.num_done < 4:
                 time.sleep(0.1)
-            at_start = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                              if "#AttentionTier#" in a["name"])
+            at_start = _tier_replicas(ray)
             events = [f"{time.monotonic():.1f} kill shard 1"]
             ray.kill(_shard(ray, 1), no_restart=False)
             assert scraper.missing(["ray_raymoe_shard_restarts_total"], timeout_s=60) == []
@@ -187,8 +190,7 @@ def live(tiny_ckpt, tmp_path_factory):
             text = scrape_cluster(prefixes=("ray_raymoe_expert_load_imbalance", "ray_raymoe_num_requests_running"))
             gauges = "\n".join(re.sub(r'(Session\w*|Version|WorkerId|otel_scope_\w+|NodeAddress|Component)="[^"]*",?', "",
                                       line) for line in text.splitlines() if not line.startswith("#"))
-            replicas = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                              if "#AttentionTier#" in a["name"])
+            replicas = _tier_replicas(ray)
             yield dict(address=cluster.address, url=url, missing=missing, max=dict(scraper.max),
                        bad=bad.status_code, heavy=heavy.status_code, heavy_body=heavy.text, lost=load.lost,
                        log="\n".join(events + errors[-60:]),
