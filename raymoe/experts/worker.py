@@ -448,12 +448,13 @@ class ExpertPool:
                     death = _death(self.handles[i])
                     if death is not None and current is None and (
                             death[0] == "OWNER_DIED" or not 0 <= self.pcfg.max_restarts <= death[1]):
-                        # Dead with restarts left: the engine that created it is gone, or closed it (a
-                        # replica killed or scaled down). Ray does not restart it then, so whichever
-                        # engine still uses the pool re-creates it.
+                        # Gone with the engine that created it (a replica killed), or killed for good
+                        # with restarts left (its creator shut down: a replica scaled down). Ray does not
+                        # restart it then, so whichever engine still uses the pool re-creates it.
                         log.warning("expert shard %s went away with the engine that created it; re-creating it",
                                     self.names[i])
-                        self._remove_creator_pg(i)
+                        if death[0] == "OWNER_DIED":  # a closing creator removes its group itself
+                            self._remove_creator_pg(i)
                         self.handles[i], self.owned[i] = self._create_or_adopt(i, use_pg=False)
                         continue
                     if death is not None:
