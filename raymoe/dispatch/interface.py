@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +38,22 @@ if TYPE_CHECKING:
 
 class ShardFailure(Exception):
     """A shard died or stopped answering during `exchange` (the layer can be retried after recovery)."""
+
+
+@contextmanager
+def as_shard_failure() -> Iterator[None]:
+    """Ray errors of a shard call -> ShardFailure, which the dispatcher answers by recovering; an error
+    the shard's own code raised (RayTaskError) is not something a restart fixes and passes through."""
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+    try:
+        yield
+    except (RayActorError, GetTimeoutError) as e:  # died, restarting, unavailable, no answer
+        raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    except RayTaskError:
+        raise
+    except RayError as e:  # e.g. a reply object lost with its node
+        raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
 class Dispatcher(ABC):

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError
 
-from raymoe.dispatch.interface import Dispatcher, ShardFailure
+from raymoe.dispatch.interface import Dispatcher, as_shard_failure
 from raymoe.dispatch.routing import RoutingMetadata, dispatch_rows, pack_rows
 from raymoe.experts.placement import ExpertPlacement
 
@@ -41,16 +41,10 @@ class RayDispatcher(Dispatcher):
                 # clone: pickling a view would ship the whole packed buffer to every shard
                 refs.append(self.pool.handles[s].forward_packed.remote(layer_id, packed[lo:hi].clone()))
                 shard_of[refs[-1]] = s
-        try:
+        with as_shard_failure():  # a lost shard: recover; the shard's own exception: the step fails
             if self.time_shards:  # sampled by the metrics: note when each shard's rows come back
                 self._time_each(shard_of, start)
             parts = ray.get(refs, timeout=self.recovery_timeout_s)
-        except (RayActorError, GetTimeoutError) as e:  # died, restarting, unavailable, no answer: recover
-            raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-        except RayTaskError:  # the shard's own code raised: a bug, not a lost shard; the step fails
-            raise
-        except RayError as e:  # e.g. its reply object was lost with a node: recover the same way
-            raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         return torch.cat(parts).to(x.device)
 
     def _time_each(self, shard_of: dict, start: float) -> None:

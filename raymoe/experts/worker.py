@@ -13,8 +13,8 @@ pool; it only kills actors it created (engines that start together race for the 
 adopts the winner's shard and does not own it). It also implements recovery: wait for Ray to restart
 a shard, adopt a replacement another engine created under the same name, re-create a shard that went
 away with the engine that created it (Ray ties an actor to its creator's process and does not restart
-it then; a creator that shuts down kills its shards), and, when a restart stays pending (placement-group bundle stuck on a dead node), recreate the
-shard without the placement group.
+it then; a creator that shuts down kills its shards), and, when a restart stays pending
+(placement-group bundle stuck on a dead node), recreate the shard without the placement group.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,13 +34,12 @@ from ray.exceptions import (
     ActorUnavailableError,
     GetTimeoutError,
     RayActorError,
-    RayError,
-    RayTaskError,
 )
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymoe.config import ParallelConfig
+from raymoe.dispatch.interface import as_shard_failure
 from raymoe.experts.compute import LoopExperts
 from raymoe.experts.placement import ExpertPlacement
 
@@ -52,21 +49,6 @@ log = logging.getLogger(__name__)
 # start in this long is misconfigured, and a clear error beats a hang.
 STARTUP_TIMEOUT_S = 900.0
 _PING_SLICE_S = 2.0  # how long one health ping may wait while a shard restarts
-
-
-@contextmanager
-def _as_shard_failure() -> Iterator[None]:
-    """Ray errors of a shard call -> ShardFailure, which the dispatcher answers by recovering."""
-    from raymoe.dispatch.interface import ShardFailure
-
-    try:
-        yield
-    except (RayActorError, GetTimeoutError) as e:  # died, restarting, unavailable, no answer
-        raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    except RayTaskError:  # the shard's own code raised: not something a restart fixes
-        raise
-    except RayError as e:  # e.g. a reply object lost with its node
-        raise ShardFailure(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
 _thread_state = threading.local()
@@ -380,7 +362,7 @@ class ExpertPool:
     # -- used by transports ---------------------------------------------------------------------
     def sync_experts(self, experts: dict[int, dict[int, list[int]]]) -> None:
         """Make shard i host at least experts[i] (replicas are lost when Ray restarts a shard)."""
-        with _as_shard_failure():
+        with as_shard_failure():
             ray.get([self.handles[i].add_experts.remote(e) for i, e in experts.items()],
                     timeout=STARTUP_TIMEOUT_S)
 
@@ -408,7 +390,7 @@ class ExpertPool:
 
     def start_collective(self, key: str, host: str, port: int, backend: str) -> None:
         world = self.num_shards + 1
-        with _as_shard_failure():
+        with as_shard_failure():
             ray.get([h.start_collective.remote(key, host, port, world, i + 1, backend)
                      for i, h in enumerate(self.handles)], timeout=self.pcfg.recovery_timeout_s)
 
