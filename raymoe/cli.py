@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["engine", "dispatch", "int4"])
     b.add_argument("--model", help="checkpoint folder (default: cached tiny)")
     b.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    b.add_argument("--repeats", type=int, default=3, help="engine: alternating runs per measurement, best kept")
     b.set_defaults(func=_cmd_bench)
 
     sub.add_parser("loadtest", help="locust load test against raymoe serve (see `raymoe loadtest --help`)",

@@ -9,7 +9,7 @@ def run_bench(ns: argparse.Namespace) -> int:
     if ns.what == "engine":
         from raymoe.bench.engine import bench_engine
 
-        return bench_engine(model=ns.model, quick=ns.quick)
+        return bench_engine(model=ns.model, quick=ns.quick, repeats=ns.repeats)
     if ns.what == "dispatch":
         from raymoe.dispatch.bench import bench_dispatch
 

@@ -127,7 +127,9 @@ class ModelRunner:
         self.attn.metadata = None
         if not sample_rows:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        if len(sample_rows) < len(ids):  # else every row samples, in order (a decode-only step)
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         _ban_stops_before_min_tokens(logits, sample_seqs)
         params = [r.params for r in sample_seqs]
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in sample_seqs]

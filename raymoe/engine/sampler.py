@@ -41,6 +41,12 @@ class SamplerOutput(NamedTuple):
     logprobs: list[TokenLogprobs | None]  # per row; None where params.logprobs is None
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim: the first maximal index, as `argmax`, whose CPU kernel is ~1.5x slower
+    than `max`'s at [16-64, 2048] (measured 2026-11); `max` also returns the first maximal index."""
+    return logits.max(dim=-1).indices
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A per-request generator on the logits' device (the engine keeps one per seeded request)."""
     gen = torch.Generator(device=device)
@@ -71,7 +77,7 @@ class Sampler:
         assert len(params) == B and len(histories) == B and len(generators) == B, "one entry per row"
         want_logprobs = [p.logprobs is not None for p in params]
         if all(p.is_greedy and not p.has_penalties for p in params) and not any(want_logprobs):
-            return SamplerOutput(logits.argmax(dim=-1), [None] * B)  # all-greedy fast path
+            return SamplerOutput(greedy(logits), [None] * B)  # all-greedy fast path
 
         logits = logits.to(torch.float32, copy=True)
         penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
@@ -82,7 +88,7 @@ class Sampler:
             )
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None  # [B, V]
 
-        token_ids = logits.argmax(dim=-1)  # [B]; random rows overwritten below
+        token_ids = greedy(logits)  # [B]; random rows overwritten below
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)

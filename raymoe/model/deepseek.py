@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from raymoe.model.args import ModelArgs
-from raymoe.model.layers import MLP, RMSNorm
+from raymoe.model.layers import MLP, RMSNorm, set_gemm_layout
 from raymoe.model.mla import MLA, AttentionBackend, DenseCausalAttention
-from raymoe.model.moe import Gate, MoE
+from raymoe.model.moe import Gate, MoE, RoutedExperts
 
 
 def _is_int4(module: nn.Module) -> bool:
@@ -121,6 +121,20 @@ class Transformer(nn.Module):
             elif isinstance(module, Gate):
                 normal_(module.weight, module.weight.shape[1] ** -0.5)
                 normal_(module.e_score_correction_bias, 0.05)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """After loading: stack the weights that read the same input into one GEMM each (MLA's two
+        down-projections, gate/up of dense and shared MLPs, the routed experts); parameters keep their
+        names and become views of the stacks. Routed experts' own MLPs are stacked by RoutedExperts.
+        Dense linears also get the device's GEMM layout (`layers.gemm_layout`): same values."""
+        for module in self.modules():
+            if isinstance(module, (MLA, RoutedExperts)) or type(module) is MLP:
+                module.fuse()
+            elif isinstance(module, Gate) and not module.weight.is_meta:
+                set_gemm_layout(module)
+        if self.lm_head.weight is not self.model.embed_tokens.weight:  # a tied head keeps the table's layout
+            set_gemm_layout(self.lm_head)
 
     def post_load(self) -> None:
         """Call `finalize()` on every submodule that has one (e.g. Int4Linear repacking) after loading."""

@@ -231,7 +231,6 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "pack
         module.set_kernel(moe_kernel)
     with torch.device(device):
         load_weights(model, ckpt)
-    for module in experts:  # stack expert weights for the grouped GEMM / fused kernel
-        module.fuse()
+    model.fuse()  # stack weights read together: routed experts (grouped GEMM / fused kernel), MLA, MLPs
     model.eval()
     return model

@@ -16,10 +16,11 @@ from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from raymoe.model.args import ModelArgs
-from raymoe.model.layers import RMSNorm, RotaryEmbedding
+from raymoe.model.layers import RMSNorm, RotaryEmbedding, gemm_layout, set_gemm_layout
 
 # HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps (1e-6), not rms_norm_eps,
 # and so does DeepSeek-V3's inference/model.py.
@@ -104,6 +105,40 @@ class MLA(nn.Module):
                                    bias=False, dtype=dtype)
         self.o_proj = nn.Linear(heads * self.v_head_dim, dim, bias=False, dtype=dtype)
         self.rotary = RotaryEmbedding(args)
+        self._w_a: torch.Tensor | None = None  # after fuse(): [q_a_proj; kv_a_proj_with_mqa] weights
+
+    @torch.no_grad()
+    def fuse(self) -> bool:
+        """After loading: stack `q_a_proj` and `kv_a_proj_with_mqa` (both read the layer input) into one
+        weight the two parameters then view, so `project` runs one GEMM for both (False without q_lora),
+        and give the projections the device's GEMM layout (`gemm_layout`)."""
+        self._w_a = None
+        if (self.q_proj if self.q_lora_rank is None else self.q_a_proj).weight.is_meta:
+            return False
+        set_gemm_layout(self.o_proj)  # kv_b_proj stays row-major: absorb/unabsorb view it per head
+        if self.q_lora_rank is None:
+            set_gemm_layout(self.q_proj)
+            return False
+        set_gemm_layout(self.q_b_proj)
+        q_a, kv_a = self.q_a_proj, self.kv_a_proj_with_mqa
+        w_a = gemm_layout(torch.cat([q_a.weight, kv_a.weight]))
+        q_a.weight = nn.Parameter(w_a[: self.q_lora_rank], requires_grad=False)
+        kv_a.weight = nn.Parameter(w_a[self.q_lora_rank:], requires_grad=False)
+        self._w_a = w_a
+        return True
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T,D], positions [T] -> (q_nope, q_pe, c_kv, k_pe): `project_q` and `project_kv` in one."""
+        w_a = self._w_a
+        if w_a is None or self.q_a_proj.weight.data_ptr() != w_a.data_ptr():  # not fused, or moved since
+            return (*self.project_q(x, positions), *self.project_kv(x, positions))
+        q_a, c_kv, k_pe = F.linear(x, w_a).split(
+            [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(x.shape[0], self.num_heads, -1)  # [T,H,Dn+R]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        # one rotation for the queries' and the key's rope parts: [T, H+1, R]
+        pe = self.rotary.rotate(torch.cat([q_pe, k_pe.unsqueeze(1)], dim=1), positions)
+        return q_nope, pe[:, : self.num_heads], self.kv_a_layernorm(c_kv), pe[:, self.num_heads]
 
     # -- projections -------------------------------------------------------------------------
     def project_q(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +193,6 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend | None = None) -> torch.Tensor:
         """x [T,D], positions [T] -> [T,D]; `attn` defaults to one causal sequence (naive)."""
-        q_nope, q_pe = self.project_q(x, positions)
-        c_kv, k_pe = self.project_kv(x, positions)
+        q_nope, q_pe, c_kv, k_pe = self.project(x, positions)
         attn = attn if attn is not None else DenseCausalAttention()
         return self.output(attn(self, q_nope, q_pe, c_kv, k_pe))

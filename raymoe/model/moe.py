@@ -41,15 +41,18 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())  # [T,E]
+        w = self.weight
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(),
+                          w if w.dtype == torch.float32 else w.float())  # [T,E] fp32
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias  # bias: selection only
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)  # [T,G,E/G]
-            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T,G]: sum of the top 2 per group
+            # [T,G]: sum of the top 2 per group (the whole group when it has at most 2 experts)
+            group_scores = (grouped.topk(2, dim=-1)[0] if grouped.shape[-1] > 2 else grouped).sum(dim=-1)
             group_ids = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)  # [T,G]
-            choice = choice.masked_fill(~keep[:, :, None].expand_as(grouped).reshape_as(choice), float("-inf"))
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, False)  # [T,G]
+            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view_as(choice)
         topk_ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]  # [T,K], same order as HF
         topk_weights = scores.gather(1, topk_ids)
         if self.norm_topk_prob:
@@ -75,11 +78,13 @@ class RoutedExperts(nn.ModuleDict):
     forward returns Σ w·expert(x) over the (token, k) pairs routed to an expert hosted here; ids it does
     not host (or < 0) are ignored. Accumulation is fp32, cast to x.dtype at the end.
 
-    Three ways to compute, same result: a loop with one GEMM per expert present; after `fuse()`
+    Four ways to compute, same result: a loop with one GEMM per expert present; after `fuse()`
     stacked the (unquantized) weights into `[E, 2I, D]` / `[E, D, I]` tensors that the experts' own
     parameters then view (no extra memory), one padded grouped GEMM (`bmm`) per projection: a few
     tensor ops whatever the number of experts, which is what decode batches need on CPU (used while
-    padding stays below GROUPED_MAX_PADDING × the real pairs); and with `set_kernel("triton")` on INT4
+    padding stays below GROUPED_MAX_PADDING × the real pairs); for models with few experts per routed
+    slot (n_routed ≤ GROUPED_MAX_PADDING × top_k), every hosted expert on every token weighted by a
+    dense routing matrix, one unpadded bmm per projection and no sorting; and with `set_kernel("triton")` on INT4
     experts, raymoe_kernels' permute → fused W4A16 grouped GEMM (SwiGLU fused) → unpermute over the
     stacked compressed-tensors buffers (`kernels.backend`: CUDA, or CPU under TRITON_INTERPRET=1).
     """
@@ -97,6 +102,8 @@ class RoutedExperts(nn.ModuleDict):
         super().__init__({str(e): Expert(args, quantized, dtype) for e in ids})
         self.expert_ids = ids
         self.num_routed_experts = args.n_routed_experts
+        self.top_k = args.num_experts_per_tok
+        self._dense = False  # after fuse(): compute every hosted expert on every token (few experts per slot)
         self._fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (w13, w2, local index)
         self.kernel = "torch"
         self._int4: tuple[torch.Tensor, ...] | None = None  # (w13_packed, w13_scale, w2_packed, w2_scale, local)
@@ -118,6 +125,7 @@ class RoutedExperts(nn.ModuleDict):
         experts = [self._modules[str(e)] for e in self.expert_ids]
         linears = [m for ex in experts for m in (ex.gate_proj, ex.up_proj, ex.down_proj)]
         self._fused = self._int4 = None
+        self._dense = False
         if experts and self.kernel == "triton" and all(getattr(m, "keep_checkpoint_layout", False) for m in linears):
             return self._fuse_int4(experts)
         if not experts or not all(type(m) is nn.Linear for m in linears) or linears[0].weight.is_meta:
@@ -130,6 +138,9 @@ class RoutedExperts(nn.ModuleDict):
             ex.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
             ex.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
         self._fused = (w13, w2, self._local_index(w13.device))
+        # every hosted expert on every token costs at most the padding the grouped GEMM may add (E·T rows
+        # for T·K·E/n_routed routed pairs, on average) and needs no sorting: small models
+        self._dense = self.num_routed_experts <= self.GROUPED_MAX_PADDING * self.top_k
         return True
 
     def _local_index(self, device: torch.device) -> torch.Tensor:
@@ -181,12 +192,14 @@ class RoutedExperts(nn.ModuleDict):
             return torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
         if self._int4 is not None:
             return self._triton_sum(x, topk_ids, topk_weights)
+        fused = self._fused is not None and self._fused[0].device == x.device and self._fused[0].dtype == x.dtype
+        if fused and self._dense:
+            return self._dense_sum(x, topk_ids, topk_weights)
         flat_ids = topk_ids.reshape(-1)  # [T*K]
         flat_w = topk_weights.reshape(-1).float()
         # One row per (token, k) pair, each written once: a plain scatter then a sum over K. On CPU this
         # is ~10x faster than index_add_ into [T, D] at prefill sizes (8k pairs, measured 2026-11).
         pair_out = torch.zeros(T * k, x.shape[1], dtype=torch.float32, device=x.device)
-        fused = self._fused is not None and self._fused[0].device == x.device and self._fused[0].dtype == x.dtype
         if fused and self._grouped(x, flat_ids, flat_w, k, pair_out):
             return pair_out.view(T, k, -1).sum(dim=1)
         order = torch.argsort(flat_ids, stable=True)
@@ -200,6 +213,21 @@ class RoutedExperts(nn.ModuleDict):
                 continue
             pair_out[pairs] = expert(x[pairs // k]).float() * flat_w[pairs, None]
         return pair_out.view(T, k, -1).sum(dim=1)
+
+    def _dense_sum(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Every hosted expert on every token ([E, T] rows through two bmm), then the fp32 sum weighted by a
+        dense [T, E] routing matrix (0 where not routed). Each expert's output is the same GEMM whatever
+        else this shard hosts, and adding the exact zeros of unrouted experts changes nothing, so the
+        sums equal the per-pair paths' and shards' partials add up to them as before. fp32 [T, D]."""
+        w13, w2, local = self._fused  # type: ignore[misc]
+        (T, D), E = x.shape, w13.shape[0]
+        slot = local[topk_ids.clamp(min=-1)]  # [T, K] stack index; E collects pairs hosted elsewhere
+        routing = x.new_zeros(E + 1, T, dtype=torch.float32)
+        routing.scatter_add_(0, slot.t(), topk_weights.t().to(torch.float32))  # [E+1, T]
+        h = torch.bmm(x.expand(E, T, D), w13.transpose(1, 2))  # [E, T, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))  # [E, T, D]
+        return (y.float() * routing[:E, :, None]).sum(dim=0)
 
     def _grouped(self, x: torch.Tensor, flat_ids: torch.Tensor, flat_w: torch.Tensor, k: int,
                  pair_out: torch.Tensor) -> bool:

@@ -230,10 +230,21 @@ def test_routed_experts_match_reference_and_subsets_add_up():
     assert sorted(full.state_dict())[:3] == ["0.down_proj.weight", "0.gate_proj.weight", "0.up_proj.weight"]
 
 
+def _fuse(experts: RoutedExperts, path: str) -> None:
+    """fuse(), then keep the computation `path` would pick: TINY (8 experts, top-2) computes densely;
+    dropping the dense weights leaves the padded grouped GEMM (what models with many experts use)."""
+    assert experts.fuse()
+    assert experts._dense  # n_routed (8) <= GROUPED_MAX_PADDING (4) x top_k (2)
+    if path == "grouped":
+        experts._dense = False
+
+
+@pytest.mark.parametrize("path", ["grouped", "dense"])
 @pytest.mark.parametrize("tokens", [0, 1, 10, 33, 300])
-def test_grouped_gemm_path_equals_the_per_expert_loop(tokens):
-    """After fuse() the experts' weights are views of stacked [E, 2I, D] / [E, D, I] tensors and the
-    padded bmm path gives the loop's sums, for hosted subsets, ids < 0 and skewed routing."""
+def test_fused_paths_equal_the_per_expert_loop(tokens, path):
+    """After fuse() the experts' weights are views of stacked [E, 2I, D] / [E, D, I] tensors, and both the
+    padded bmm path and the dense path (every expert on every token, routing-weighted) give the loop's
+    sums, for hosted subsets, ids < 0, skewed routing and a token routed twice to the same expert."""
     args = TINY
     full = randomize(RoutedExperts(args, range(args.n_routed_experts)))
     shard = RoutedExperts(args, [1, 2, 6])
@@ -242,9 +253,10 @@ def test_grouped_gemm_path_equals_the_per_expert_loop(tokens):
     if tokens > 1:
         ids[: tokens // 2, 0] = -1  # pairs another shard computes
         ids[tokens // 2:, 1] = 6  # a hot expert
+        ids[-1] = 6  # both of the last token's pairs on expert 6: their weights add up
     for experts in (full, shard):
         want = experts(x, ids, w)  # loop: not fused yet
-        assert experts.fuse()
+        _fuse(experts, path)
         w13, w2, _ = experts._fused
         first = experts[str(experts.expert_ids[0])]
         assert first.gate_proj.weight.data_ptr() == w13.data_ptr()  # a view: no second copy
@@ -253,9 +265,44 @@ def test_grouped_gemm_path_equals_the_per_expert_loop(tokens):
         torch.testing.assert_close(experts(x, ids, w), moe_ref(experts, x, ids, w), atol=1e-5, rtol=1e-5)
     # a state_dict round trip through the views keeps the stacked weights in step
     again = RoutedExperts(args, range(args.n_routed_experts))
-    assert again.fuse()
+    _fuse(again, path)
     again.load_state_dict(full.state_dict())  # copies into the views
     torch.testing.assert_close(again(x, ids, w), full(x, ids, w))
+    torch.testing.assert_close(again(x, ids, w), moe_ref(again, x, ids, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_partial_sums_of_shards_add_up_to_the_full_sum_bit_for_bit(dtype):
+    """Local and expert-parallel engines must agree token for token: each expert's output is the same GEMM
+    whether its shard hosts 8 experts or 2, and with top-2 routing the fp32 sum of two non-zero partials
+    is the same whichever shards they come from."""
+    args = TINY
+    full = randomize(RoutedExperts(args, range(args.n_routed_experts), dtype=dtype))
+    shards = []
+    for part in ([0, 1], [2, 3], [4, 5], [6, 7]):
+        shard = RoutedExperts(args, part, dtype=dtype)
+        shard.load_state_dict({k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) in part})
+        _fuse(shard, "dense")
+        shards.append(shard)
+    _fuse(full, "dense")
+    x, ids, w = routed_inputs(args, 40)
+    x = x.to(dtype)
+    total = shards[0].partial_sum(x, ids, w)
+    for shard in shards[1:]:
+        total = total + shard.partial_sum(x, ids, w)
+    assert torch.equal(total, full.partial_sum(x, ids, w))
+
+
+def test_dense_path_in_bf16_accumulates_in_fp32():
+    args = TINY
+    experts = randomize(RoutedExperts(args, range(args.n_routed_experts), dtype=torch.bfloat16))
+    x, ids, w = routed_inputs(args, 12)
+    x = x.bfloat16()
+    want = experts.partial_sum(x, ids, w)  # the loop, fp32 sums of bf16 expert outputs
+    _fuse(experts, "dense")
+    got = experts.partial_sum(x, ids, w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)  # bf16 rounding of the activations
 
 
 def test_grouped_gemm_falls_back_to_the_loop_when_padding_would_dominate():
@@ -264,7 +311,7 @@ def test_grouped_gemm_falls_back_to_the_loop_when_padding_would_dominate():
     x, ids, w = routed_inputs(args, 64)
     ids[:] = 3  # expert 3 gets every pair: 8 experts x 128 padded rows for 128 pairs, over the limit
     want = moe_ref(experts, x, ids, w)
-    experts.fuse()
+    _fuse(experts, "grouped")
     out = torch.zeros(64 * 2, args.hidden_size)
     assert not experts._grouped(x, ids.reshape(-1), w.reshape(-1), 2, out)
     torch.testing.assert_close(experts(x, ids, w), want, atol=1e-5, rtol=1e-5)
