@@ -130,6 +130,23 @@ def test_dtype_bfloat16_matches_fp32_to_bf16_precision(tiny_ckpt, llm):
     print(f"\nbf16 vs fp32 first-step top-5 logprobs: max |diff| = {worst:.4f} nats")
     assert worst <= 0.1  # measured 0.03: 3 layers of bf16 rounding, logprobs stored in bf16 (step 1/64 near -5)
 
+    # decode steps (absorbed attention over the bf16 latent cache) hold the same precision: the same
+    # bf16 model, each step fed the fp32 run's tokens so far as its prompt, against the fp32 logprobs
+    steps = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, logprobs=5, ignore_eos=True))
+    prompts = llm.engine.tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]
+    worst = 0.0
+    for prompt, out in zip(prompts, steps):
+        ids = list(out.outputs[0].token_ids)
+        b = bf16.generate(prompt_token_ids=[prompt + ids[:1]],
+                          sampling_params=SamplingParams(temperature=0.0, max_tokens=5, logprobs=5, ignore_eos=True))
+        for step, lp16 in enumerate(b[0].outputs[0].logprobs):  # step k: after prompt + ids[:k+1]
+            if b[0].outputs[0].token_ids[:step] != ids[1:1 + step]:
+                break  # a bf16 rounding flipped an earlier choice: later steps see other contexts
+            lp32 = out.outputs[0].logprobs[step + 1]
+            worst = max([worst] + [abs(lp32[k] - lp16[k]) for k in lp32.keys() & lp16.keys()])
+    print(f"bf16 vs fp32 decode-step top-5 logprobs: max |diff| = {worst:.4f} nats")
+    assert 0.0 < worst <= 0.1
+
 
 @pytest.mark.parametrize("kwargs, needle", [
     ({"max_num_seq": 4}, "max_num_seq"),
