@@ -138,6 +138,8 @@ class PagedMLAAttention:
         self.kv_lora_rank = kv_lora_rank
         self.use_triton = use_triton  # decode through raymoe_kernels.mla_decode (CUDA, or CPU interpreter)
         self.metadata: AttentionMetadata | None = None
+        self._pages = list(kv_cache.unbind(0))  # per layer [num_blocks, block_size, C+R] (views)
+        self._slots = [pages.view(-1, kv_cache.shape[-1]) for pages in self._pages]  # per layer [slots, C+R]
         self._gather: torch.Tensor | None = None  # reused destination of the decode context gather
 
     # The decode gather's destination is kept between steps up to this size (a fresh multi-MB tensor per
@@ -160,8 +162,9 @@ class PagedMLAAttention:
                  k_pe: torch.Tensor) -> torch.Tensor:
         md = self.metadata
         assert md is not None, "attention metadata must be set before the forward pass"
-        cache = self.kv_cache[mla.layer_id].view(-1, self.kv_cache.shape[-1])  # [slots, C+R]
-        cache.index_copy_(0, md.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype))
+        cache = self._slots[mla.layer_id]  # [slots, C+R]
+        latent = torch.cat([c_kv, k_pe], dim=-1)
+        cache.index_copy_(0, md.slot_mapping, latent if latent.dtype == cache.dtype else latent.to(cache.dtype))
         scale = mla.softmax_scale
         if md.all_decode:  # decode-only step: tokens are already in sequence order
             return mla.unabsorb(self._decode(mla.absorb_q(q_nope), q_pe, mla.layer_id, md, scale))
@@ -248,7 +251,7 @@ class PagedMLAAttention:
         C = self.kv_lora_rank
         # Whole blocks through the block table (index_select: ~3x faster than per-slot advanced
         # indexing on CPU), then one bmm over latent+rope: q·[c_kv | k_pe] = q_lat·c_kv + q_pe·k_pe.
-        pages = self.kv_cache[layer_id]  # [num_blocks, block_size, C+R]
+        pages = self._pages[layer_id]  # [num_blocks, block_size, C+R]
         Bd = q_lat.shape[0]
         kv = self._gather_blocks(pages, md.decode_block_tables.view(-1)).view(Bd, -1, pages.shape[-1])  # [Bd, L, C+R]
         q = torch.cat([q_lat, q_pe], dim=-1)  # [Bd, H, C+R]

@@ -24,6 +24,7 @@ from raymoe.engine.model_runner import KVCacheSpec, ModelRunner, kv_cache_spec
 from raymoe.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, make_request_output
 from raymoe.engine.scheduler import Scheduler
 from raymoe.model.args import ModelArgs
+from raymoe.model.layers import RotaryEmbedding
 
 
 @dataclass(slots=True)
@@ -83,8 +84,12 @@ class EngineCore:
         self.kv = KVCacheManager(self.spec.num_blocks, self.spec.block_size, ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(ecfg, self.kv, self.max_model_len)
         self.runner = ModelRunner(model, args, self.spec, device, kernels_backend=config.kernels.backend)
+        for module in model.modules():  # rope rows of every position this engine can reach, once
+            if isinstance(module, RotaryEmbedding):
+                module.prepare(self.max_model_len, device, dtype)
         self.eos_token_id = args.eos_token_id
         self._streams: dict[str, _Stream] = {}
+        self._budgeted: set[str] = set()  # requests whose thinking budget is still open
         self._ids = itertools.count()
         self.stats = EngineStats()
         self.step_request_ids: frozenset[str] = frozenset()  # requests of the running (or last) step
@@ -116,10 +121,13 @@ class EngineCore:
         self.scheduler.add_request(req)
         self._streams[rid] = _Stream(stop_hold=max((len(s) for s in params.stop), default=1) - 1,
                                      final_only=final_only)
+        if params.thinking_budget is not None:
+            self._budgeted.add(rid)
         return rid
 
     def abort(self, request_id: str) -> bool:
         self._streams.pop(request_id, None)
+        self._budgeted.discard(request_id)
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -159,6 +167,7 @@ class EngineCore:
             if self.tokenizer is not None:
                 st.text = self._decode(req.output_token_ids, req.params.skip_special_tokens)
             self._streams.pop(req.request_id, None)
+            self._budgeted.discard(req.request_id)
             return make_request_output(req, st.text)
         if self.tokenizer is not None:
             self._detokenize(req, st)
@@ -177,6 +186,7 @@ class EngineCore:
         st.sent_tokens = len(req.output_token_ids)
         if finished:
             self._streams.pop(req.request_id, None)
+            self._budgeted.discard(req.request_id)
         return o
 
     def _detokenize(self, req: Request, st: _Stream) -> None:
@@ -222,10 +232,12 @@ class EngineCore:
         which also ends K2's reasoning), not counting a leading `<think>`. The forced token replaces
         the sampled one, so the answer follows and `max_tokens` still bounds the whole output.
         """
-        for rid, (token, _lp) in list(sampled.items()):
+        for rid in [r for r in self._budgeted if r in sampled]:  # only requests with an open budget
+            token = sampled[rid][0]
             req = self.scheduler.get_request(rid)
             st = self._streams.get(rid)
-            if req is None or st is None or st.reasoning_closed or req.params.thinking_budget is None:
+            if req is None or st is None or st.reasoning_closed:
+                self._budgeted.discard(rid)
                 continue
             if self._think_end is None:
                 raise ValueError("thinking_budget needs a tokenizer with a </think> token")
@@ -236,6 +248,8 @@ class EngineCore:
             elif st.reasoning_tokens >= req.params.thinking_budget:
                 sampled[rid] = (self._think_end, None)
                 st.reasoning_closed = True
+            if st.reasoning_closed:
+                self._budgeted.discard(rid)
             else:
                 st.reasoning_tokens += 1
 

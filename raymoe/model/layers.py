@@ -94,8 +94,9 @@ class RotaryEmbedding(nn.Module):
         self.dim = args.qk_rope_head_dim
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self._scale: float | None = None
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
-        self._tables: tuple[torch.Tensor, ...] | None = None  # (positions, cos2, sin2, evens|odds, odds|evens)
+        # per-forward state in a plain dict (nn.Module attribute writes cost µs): "last" (positions, cos, sin),
+        # "rows" (positions, cos2, sin2, evens|odds, odds|evens), "table" (cos2 [P,R], sin2 [P,R], ids, ids)
+        self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def _freqs(self, device: torch.device) -> torch.Tensor:
         inv = self._inv_freq.get(device)
@@ -117,29 +118,44 @@ class RotaryEmbedding(nn.Module):
         The result for the last `positions` tensor is kept: queries and keys of every layer rotate
         by the same positions in one forward pass (the decoder shares one instance across layers).
         """
-        last = self._last
+        last = self._cache.get("last")
         if last is not None and last[0] is positions:
             return last[1], last[2]
         freqs = positions[:, None].float() * self._freqs(positions.device)  # [T, R/2]
         scale = self.attention_scaling
         cos, sin = freqs.cos() * scale, freqs.sin() * scale
-        self._last = (positions, cos, sin)
+        self._cache["last"] = (positions, cos, sin)
         return cos, sin
 
+    def _rotation_rows(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos/sin [.., R/2] -> ([cos|cos], [-sin|sin], evens|odds ids, odds|evens ids)."""
+        idx = torch.arange(2 * cos.shape[-1], device=cos.device)
+        return (torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype),
+                torch.cat([idx[0::2], idx[1::2]]), torch.cat([idx[1::2], idx[0::2]]))
+
+    def prepare(self, max_positions: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Precompute the rotation rows of positions [0, max_positions) (the engine: its context limit),
+        so a forward gathers its positions' rows (2 ops) instead of computing them (~12). Each row is
+        the same elementwise computation, so the values are the same bits. Positions must stay below
+        `max_positions` (the engine's scheduler guarantees it)."""
+        cos, sin = self(torch.arange(max_positions, device=device))
+        self._cache.clear()
+        self._cache["table"] = self._rotation_rows(cos, sin, dtype)
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`apply_rope(x, *self(positions))` in 5 ops instead of ~13 (the decode hot path calls it twice
+        """`apply_rope(x, *self(positions))` in 5 ops instead of ~13 (the decode hot path calls it once
         per layer): out = x[evens|odds]·[cos|cos] + x[odds|evens]·[-sin|sin], HF's own
         `q·cos + rotate_half(q)·sin` on the de-interleaved layout, so the values are the same bits."""
-        tables = self._tables
-        if tables is None or tables[0] is not positions or tables[1].dtype != x.dtype:
-            cos, sin = self(positions)
-            half = cos.shape[-1]
-            idx = torch.arange(2 * half, device=x.device)
-            deint = torch.cat([idx[0::2], idx[1::2]])  # evens then odds
-            swapped = torch.cat([idx[1::2], idx[0::2]])
-            tables = self._tables = (positions, torch.cat([cos, cos], -1).to(x.dtype),
-                                     torch.cat([-sin, sin], -1).to(x.dtype), deint, swapped)
-        _, cos2, sin2, deint, swapped = tables
+        rows = self._cache.get("rows")
+        if rows is None or rows[0] is not positions or rows[1].dtype != x.dtype:
+            table = self._cache.get("table")
+            if table is not None and table[0].dtype == x.dtype and table[0].device == x.device:
+                rows = (positions, table[0].index_select(0, positions), table[1].index_select(0, positions),
+                        table[2], table[3])
+            else:
+                rows = (positions, *self._rotation_rows(*self(positions), x.dtype))
+            self._cache["rows"] = rows
+        _, cos2, sin2, deint, swapped = rows
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos2.shape[-1],)
         return x.index_select(-1, deint) * cos2.view(shape) + x.index_select(-1, swapped) * sin2.view(shape)
 

@@ -132,13 +132,15 @@ class MLA(nn.Module):
         w_a = self._w_a
         if w_a is None or self.q_a_proj.weight.data_ptr() != w_a.data_ptr():  # not fused, or moved since
             return (*self.project_q(x, positions), *self.project_kv(x, positions))
-        q_a, c_kv, k_pe = F.linear(x, w_a).split(
-            [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(x.shape[0], self.num_heads, -1)  # [T,H,Dn+R]
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        # plain slicing rather than Tensor.split: this runs once per layer and step, and split's Python
+        # wrapper costs about as much as the slices' kernels here
+        a = F.linear(x, w_a)  # [T, q_lora | C | R]
+        ql, dn, heads = self.q_lora_rank, self.qk_nope_head_dim, self.num_heads
+        kv_end = ql + self.kv_lora_rank
+        q = self.q_b_proj(self.q_a_layernorm(a[:, :ql])).view(x.shape[0], heads, -1)  # [T,H,Dn+R]
         # one rotation for the queries' and the key's rope parts: [T, H+1, R]
-        pe = self.rotary.rotate(torch.cat([q_pe, k_pe.unsqueeze(1)], dim=1), positions)
-        return q_nope, pe[:, : self.num_heads], self.kv_a_layernorm(c_kv), pe[:, self.num_heads]
+        pe = self.rotary.rotate(torch.cat([q[:, :, dn:], a[:, None, kv_end:]], dim=1), positions)
+        return q[:, :, :dn], pe[:, :heads], self.kv_a_layernorm(a[:, ql:kv_end]), pe[:, heads]
 
     # -- projections -------------------------------------------------------------------------
     def project_q(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,8 +84,8 @@ class RoutedExperts(nn.ModuleDict):
     tensor ops whatever the number of experts, which is what decode batches need on CPU (used while
     padding stays below GROUPED_MAX_PADDING × the real pairs); for models with few experts per routed
     slot (n_routed ≤ GROUPED_MAX_PADDING × top_k), every hosted expert on every token weighted by a
-    dense routing matrix, one unpadded bmm per projection and no sorting; and with `set_kernel("triton")` on INT4
-    experts, raymoe_kernels' permute → fused W4A16 grouped GEMM (SwiGLU fused) → unpermute over the
+    dense routing matrix, one unpadded bmm per projection and no sorting; and with
+    `set_kernel("triton")` on INT4 experts, raymoe_kernels' permute → fused W4A16 grouped GEMM (SwiGLU fused) → unpermute over the
     stacked compressed-tensors buffers (`kernels.backend`: CUDA, or CPU under TRITON_INTERPRET=1).
     """
 
@@ -216,9 +216,10 @@ class RoutedExperts(nn.ModuleDict):
 
     def _dense_sum(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Every hosted expert on every token ([E, T] rows through two bmm), then the fp32 sum weighted by a
-        dense [T, E] routing matrix (0 where not routed). Each expert's output is the same GEMM whatever
-        else this shard hosts, and adding the exact zeros of unrouted experts changes nothing, so the
-        sums equal the per-pair paths' and shards' partials add up to them as before. fp32 [T, D]."""
+        dense [E, T] routing matrix (0 where not routed). Each expert's output is the same GEMM whatever
+        else this shard hosts, and adding the exact zeros of unrouted experts changes nothing, so with
+        top-2 routing the partial sums of shards add up, bit for bit, to what one process hosting all
+        experts computes (tested). fp32 [T, D]."""
         w13, w2, local = self._fused  # type: ignore[misc]
         (T, D), E = x.shape, w13.shape[0]
         slot = local[topk_ids.clamp(min=-1)]  # [T, K] stack index; E collects pairs hosted elsewhere

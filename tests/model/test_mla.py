@@ -123,6 +123,21 @@ def test_rotate_is_apply_rope_bit_for_bit_and_follows_new_positions(dtype):
             assert torch.equal(rot.rotate(x, pos), apply_rope(x, cos, sin))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_rotation_rows_give_the_same_bits(dtype):
+    """The engine precomputes the rows of every reachable position; gathering them must give what
+    computing them per forward gives, for each new positions tensor."""
+    fresh, prepared = RotaryEmbedding(TINY), RotaryEmbedding(TINY)
+    prepared.prepare(4096, "cpu", dtype)
+    r = TINY.qk_rope_head_dim
+    for pos in (torch.tensor([0, 1, 7, 100, 4095]), torch.tensor([3, 3, 9, 12, 5])):
+        for x in (torch.randn(5, 3, r, dtype=dtype), torch.randn(5, r, dtype=dtype)):
+            assert torch.equal(prepared.rotate(x, pos), fresh.rotate(x, pos))
+    if dtype != torch.float32:  # another dtype than the prepared one: computed on the fly, same values
+        x32 = torch.randn(5, r)
+        assert torch.equal(prepared.rotate(x32, pos), fresh.rotate(x32, pos))
+
+
 def test_rope_scores_depend_only_on_relative_position():
     rot = RotaryEmbedding(TINY)  # YaRN preset, cos/sin scale 1 (mscale == mscale_all_dim)
     q, k = torch.randn(1, TINY.qk_rope_head_dim), torch.randn(1, TINY.qk_rope_head_dim)
