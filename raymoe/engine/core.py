@@ -248,10 +248,10 @@ class EngineCore:
             elif st.reasoning_tokens >= req.params.thinking_budget:
                 sampled[rid] = (self._think_end, None)
                 st.reasoning_closed = True
-            if st.reasoning_closed:
-                self._budgeted.discard(rid)
             else:
                 st.reasoning_tokens += 1
+            if st.reasoning_closed:
+                self._budgeted.discard(rid)
 
     # -- helpers ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -200,6 +200,28 @@ def test_thinking_budget_closes_reasoning(tiny_ckpt, prompts, budget):
     assert free[:budget] == out[0].outputs[0].token_ids[:budget], "tokens before the budget are untouched"
 
 
+def test_thinking_budget_counts_reasoning_after_the_opener_and_stops_visiting_closed_requests(tiny_ckpt):
+    """The budget's accounting on forced samples: a leading <think> is not reasoning, the budget's
+    tokens pass, the next one becomes </think>; a closed request is dropped from the per-step visit."""
+    llm = LLM(model=str(tiny_ckpt), kv_cache_memory=4 << 20)
+    engine, vocab = llm.engine, llm.tokenizer.get_vocab()
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=10, thinking_budget=2))
+    other = engine.add_request([5, 6, 7], SamplingParams(max_tokens=10))
+    assert engine._budgeted == {rid}
+    request = engine.scheduler.get_request(rid)
+    forced = []
+    for token in (vocab["<think>"], 11, 12, 13, 14):
+        sampled = {rid: (token, None), other: (token, None)}
+        engine._apply_thinking_budgets(sampled)
+        assert sampled[other] == (token, None)  # no budget: untouched
+        forced.append(sampled[rid][0])
+        request.output_token_ids.append(sampled[rid][0])
+    assert forced == [vocab["<think>"], 11, 12, vocab["</think>"], 14]
+    assert engine._budgeted == set()
+    engine.abort(rid)
+    engine.abort(other)
+
+
 def test_triton_decode_kernel_path_matches_reference(tiny_ckpt, prompts, reference):
     """kernels.backend='triton' routes decode attention through raymoe_kernels.mla_decode (on CPU via
     TRITON_INTERPRET=1, set by tests/conftest.py); greedy tokens equal the torch path's."""
