@@ -93,6 +93,7 @@ def test_bad_arguments_exit_2_with_a_message(argv, needle, capsys):
     (["inspect", "some/dir", "--preset", "tiny"], "exactly one of PATH or --preset"),
     (["inspect", "--preset", "nope"], "unknown preset 'nope'"),
     (["inspect", "/nonexistent/ckpt"], "no config.json"),
+    (["bench", "engine", "--repeats", "0"], "repeats (0) must be >= 1"),
 ])
 def test_bad_values_return_2_with_a_one_line_error(argv, needle, capsys):
     assert main(argv) == 2
@@ -106,3 +107,13 @@ def test_inspect_deepseek_v3(capsys):
     rows = _rows(capsys.readouterr().out)
     assert rows["routed experts / top-k"] == "256 / 8"
     assert 670 <= _number(rows["total parameters"], "B") <= 672  # 671B
+
+
+def test_bench_engine_quick_prints_both_tables(tiny_ckpt, capsys):
+    """A smoke run of `raymoe bench engine` (the ratios it prints are recorded, never asserted)."""
+    assert main(["bench", "engine", "--quick", "--repeats", "1", "--model", str(tiny_ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "best of 1 alternating runs" in out
+    rows = [line for line in out.splitlines() if re.match(r"\s+(1|4) \|", line)]
+    assert len(rows) == 2 and all(line.count("x") == 2 for line in rows)  # batch 1 and 4: two ratios each
+    assert re.search(r"prefix caching off: +[\d.]+ ms", out) and re.search(r"speed-up: [\d.]+x", out)
