@@ -192,6 +192,18 @@ def set_gemm_layout(module: nn.Module) -> None:
         module.weight = nn.Parameter(w, requires_grad=False)
 
 
+def stack_linears(*linears: nn.Linear) -> torch.Tensor:
+    """One weight for linears that read the same input: their [N_i, K] weights stacked along N (in the
+    GEMM layout), each linear's parameter becoming its rows' view, so one F.linear computes them all
+    and `load_state_dict` still writes through the parameters into the stack."""
+    stacked = gemm_layout(torch.cat([lin.weight for lin in linears]))
+    start = 0
+    for lin in linears:
+        lin.weight = nn.Parameter(stacked[start:start + lin.out_features], requires_grad=False)
+        start += lin.out_features
+    return stacked
+
+
 def make_linear(in_features: int, out_features: int, *, quantized: bool, group_size: int,
                 dtype: torch.dtype | None) -> nn.Module:
     """`nn.Linear(bias=False)`, or the packed INT4 `Int4Linear` when `quantized`."""
@@ -222,10 +234,7 @@ class MLP(nn.Module):
         gate, up = self.gate_proj, self.up_proj
         if type(gate) is not nn.Linear or type(up) is not nn.Linear or gate.weight.is_meta:
             return False
-        w13 = gemm_layout(torch.cat([gate.weight, up.weight]))
-        gate.weight = nn.Parameter(w13[: gate.out_features], requires_grad=False)
-        up.weight = nn.Parameter(w13[gate.out_features:], requires_grad=False)
-        self._w13 = w13
+        self._w13 = stack_linears(gate, up)
         set_gemm_layout(self.down_proj)
         return True
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.model.args import ModelArgs
-from raymoe.model.layers import RMSNorm, RotaryEmbedding, gemm_layout, set_gemm_layout
+from raymoe.model.layers import RMSNorm, RotaryEmbedding, set_gemm_layout, stack_linears
 
 # HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps (1e-6), not rms_norm_eps,
 # and so does DeepSeek-V3's inference/model.py.
@@ -120,11 +120,7 @@ class MLA(nn.Module):
             set_gemm_layout(self.q_proj)
             return False
         set_gemm_layout(self.q_b_proj)
-        q_a, kv_a = self.q_a_proj, self.kv_a_proj_with_mqa
-        w_a = gemm_layout(torch.cat([q_a.weight, kv_a.weight]))
-        q_a.weight = nn.Parameter(w_a[: self.q_lora_rank], requires_grad=False)
-        kv_a.weight = nn.Parameter(w_a[self.q_lora_rank:], requires_grad=False)
-        self._w_a = w_a
+        self._w_a = stack_linears(self.q_a_proj, self.kv_a_proj_with_mqa)
         return True
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
