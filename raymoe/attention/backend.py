@@ -64,6 +64,14 @@ def build_metadata(
 ) -> AttentionMetadata:
     """Slots and masks for a flat batch: sequence i contributes `query_lens[i]` new tokens whose
     positions follow `context_lens[i]` tokens already in the cache."""
+    if query_lens and len(query_lens) == sum(query_lens):  # one new token each (query lengths are >= 1)
+        return _decode_metadata(context_lens, block_tables, block_size, device)
+    return _mixed_metadata(query_lens, context_lens, block_tables, block_size, device)
+
+
+def _mixed_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
+                    device: torch.device | str) -> AttentionMetadata:
+    """`build_metadata` for any batch (prefill chunks and decodes)."""
     slot_mapping: list[int] = []
     dec_idx: list[int] = []
     dec_tables: list[list[int]] = []
@@ -124,6 +132,38 @@ def build_metadata(
         prefill=prefill,
         num_tokens=start,
         all_decode=not pre,
+    )
+
+
+def _decode_metadata(context_lens: list[int], block_tables: list[list[int]], block_size: int,
+                     device: torch.device | str) -> AttentionMetadata:
+    """`build_metadata` for a decode-only step (one new token per sequence, the common case under load):
+    the same tensors from one pass over the sequences."""
+    num = len(context_lens)
+    max_blocks = max(context_lens) // block_size + 1  # blocks of the longest sequence, new token included
+    slots: list[int] = []
+    flat: list[int] = []  # one flat list converts ~2x faster than a nested one
+    for ctx, table in zip(context_lens, block_tables):
+        assert len(table) * block_size > ctx, "block table too short for the sequence"
+        slots.append(table[ctx // block_size] * block_size + ctx % block_size)
+        if len(table) >= max_blocks:
+            flat += table[:max_blocks]
+        else:
+            flat += table
+            flat += [0] * (max_blocks - len(table))
+    tables = torch.tensor(flat, dtype=torch.int32).view(num, max_blocks)
+    seq_lens = torch.tensor(context_lens, dtype=torch.int32).add_(1)
+    past_end = torch.arange(max_blocks * block_size).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [Bd, L]
+    bias = torch.zeros(past_end.shape, dtype=torch.float32).masked_fill_(past_end, float("-inf")).unsqueeze(1)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        decode_token_idx=torch.arange(num, device=device),
+        decode_block_tables=tables.to(device),
+        decode_seq_lens=seq_lens.to(device),
+        decode_bias=bias.to(device),
+        prefill=None,
+        num_tokens=num,
+        all_decode=True,
     )
 
 

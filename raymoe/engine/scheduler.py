@@ -155,10 +155,19 @@ class Scheduler:
         budget = self.max_num_batched_tokens
 
         # running: decodes and unfinished prefills, oldest first
+        block_size = self.kv.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            computed = request.num_computed_tokens
+            if (len(request.prompt_token_ids) + len(request.output_token_ids) == computed + 1
+                    and computed < len(request.block_ids) * block_size):
+                # a decode whose token fits its last block: what allocate_slots would do is nothing
+                out.scheduled.append(ScheduledSeq(request, 1, computed, True))
+                budget -= 1
+                i += 1
+                continue
+            num_new = self._num_new_tokens(request, computed, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -208,14 +217,17 @@ class Scheduler:
         """
         now = time.monotonic()
         updated = []
+        running = RequestStatus.RUNNING
+        cache_blocks = self.kv.cache_blocks if self.kv.enable_prefix_caching else None
         for seq in output.scheduled:
             request = seq.request
-            if request.status != RequestStatus.RUNNING:  # aborted/finished after schedule()
+            if request.status is not running:  # aborted/finished after schedule()
                 continue
             request.num_computed_tokens += seq.num_new_tokens
-            self.kv.cache_blocks(request)
-            if request.num_computed_tokens < request.num_tokens:  # partial prefill chunk
-                continue
+            if cache_blocks is not None:
+                cache_blocks(request)
+            if request.num_computed_tokens < len(request.prompt_token_ids) + len(request.output_token_ids):
+                continue  # partial prefill chunk
             tokens = sampled.get(request.request_id)
             assert tokens is not None, f"no sampled token for {request.request_id}"
             for token_id in [tokens] if isinstance(tokens, int) else tokens:
@@ -230,13 +242,14 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.params
-        if request.num_output_tokens >= params.min_tokens:
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id == request.eos_token_id:
                 return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
+            if params.stop_token_ids and token_id in params.stop_token_ids:
                 request.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or num_output + len(request.prompt_token_ids) >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -43,8 +43,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend | None = None) -> torch.Tensor:
         """x [T,D], positions [T] -> [T,D]."""
-        h = x + self.self_attn(self.input_layernorm(x), positions, attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.self_attn(self.input_layernorm.forward(x), positions, attn)  # norms: see MLA.project
+        return h + self.mlp(self.post_attention_layernorm.forward(h))
 
 
 class DeepseekModel(nn.Module):
@@ -90,7 +90,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             h = layer(h, positions, attn)
-        return self.model.norm(h)
+        return self.model.norm.forward(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T,D] -> logits [T,V] fp32."""

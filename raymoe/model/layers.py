@@ -242,5 +242,5 @@ class MLP(nn.Module):
         w13 = self._w13
         if w13 is not None and self.gate_proj.weight.data_ptr() == w13.data_ptr():  # still fused (not moved)
             gate, up = F.linear(x, w13).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj.forward(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -106,6 +106,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(heads * self.v_head_dim, dim, bias=False, dtype=dtype)
         self.rotary = RotaryEmbedding(args)
         self._w_a: torch.Tensor | None = None  # after fuse(): [q_a_proj; kv_a_proj_with_mqa] weights
+        self._absorb: tuple[torch.Tensor, ...] | None = None  # (kv_b weight, W_uk [H,Dn,C], W_uv^T [H,C,Dv])
 
     @torch.no_grad()
     def fuse(self) -> bool:
@@ -133,10 +134,12 @@ class MLA(nn.Module):
         a = F.linear(x, w_a)  # [T, q_lora | C | R]
         ql, dn, heads = self.q_lora_rank, self.qk_nope_head_dim, self.num_heads
         kv_end = ql + self.kv_lora_rank
-        q = self.q_b_proj(self.q_a_layernorm(a[:, :ql])).view(x.shape[0], heads, -1)  # [T,H,Dn+R]
+        # leaf modules called through .forward: this runs once per layer and step, where Module.__call__'s
+        # dispatch costs about as much as the small kernels it wraps
+        q = self.q_b_proj.forward(self.q_a_layernorm.forward(a[:, :ql])).view(x.shape[0], heads, -1)  # [T,H,Dn+R]
         # one rotation for the queries' and the key's rope parts: [T, H+1, R]
         pe = self.rotary.rotate(torch.cat([q[:, :, dn:], a[:, None, kv_end:]], dim=1), positions)
-        return q[:, :, :dn], pe[:, :heads], self.kv_a_layernorm(a[:, ql:kv_end]), pe[:, heads]
+        return q[:, :, :dn], pe[:, :heads], self.kv_a_layernorm.forward(a[:, ql:kv_end]), pe[:, heads]
 
     # -- projections -------------------------------------------------------------------------
     def project_q(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +161,15 @@ class MLA(nn.Module):
         """kv_b_proj weight as [H, Dn+Dv, C]."""
         return self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
 
+    def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk [H, Dn, C], W_uv^T [H, C, Dv]): views of kv_b_proj's weight, rebuilt when it is replaced."""
+        w = self.kv_b_proj.weight
+        cached = self._absorb
+        if cached is None or cached[0] is not w:
+            wkv = self._wkv_b()
+            cached = self._absorb = (w, wkv[:, : self.qk_nope_head_dim], wkv[:, self.qk_nope_head_dim:].transpose(1, 2))
+        return cached[1], cached[2]
+
     # -- naive: expand the latent into per-head keys and values -------------------------------
     def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
@@ -172,7 +184,7 @@ class MLA(nn.Module):
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [T,H,Dn] -> q_lat [T,H,C] (q_nope · W_uk per head)."""
         # bmm per head on strided views (einsum's permute+copy path is ~1.5-5x slower at decode sizes)
-        return torch.bmm(q_nope.transpose(0, 1), self._wkv_b()[:, : self.qk_nope_head_dim]).transpose(0, 1)
+        return torch.bmm(q_nope.transpose(0, 1), self._absorb_weights()[0]).transpose(0, 1)
 
     def attend_latent(self, q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
@@ -183,11 +195,11 @@ class MLA(nn.Module):
 
     def unabsorb(self, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [T,H,C] -> o [T,H,Dv] (· W_uv per head)."""
-        return torch.bmm(o_lat.transpose(0, 1), self._wkv_b()[:, self.qk_nope_head_dim:].transpose(1, 2)).transpose(0, 1)
+        return torch.bmm(o_lat.transpose(0, 1), self._absorb_weights()[1]).transpose(0, 1)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """o [T,H,Dv] -> [T,D]."""
-        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.v_head_dim))
+        return self.o_proj.forward(o.reshape(o.shape[0], self.num_heads * self.v_head_dim))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend | None = None) -> torch.Tensor:
         """x [T,D], positions [T] -> [T,D]; `attn` defaults to one causal sequence (naive)."""

@@ -288,5 +288,5 @@ class MoE(nn.Module):
         if self.routed_fn is not None:
             routed = self.routed_fn(self.layer_id, x, topk_ids, topk_weights)
         else:
-            routed = self.experts(x, topk_ids, topk_weights)
-        return routed + self.shared_experts(x)
+            routed = self.experts.forward(x, topk_ids, topk_weights)  # .forward: see MLA.project
+        return routed + self.shared_experts.forward(x)

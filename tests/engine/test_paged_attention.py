@@ -62,3 +62,24 @@ def test_short_chunks_over_long_contexts_take_the_absorbed_form():
     k2_attn = PagedMLAAttention(torch.zeros(1, 2, 16, k2.kv_cache_size, device="meta"), k2.kv_lora_rank)
     # K2 (C 512, R 64, Dn = Dv = 128): absorbed while 832·Q < 512·256, i.e. up to 157 new tokens
     assert k2_attn.absorb_prefill(k2_mla, 157) and not k2_attn.absorb_prefill(k2_mla, 158)
+
+
+def test_decode_only_metadata_equals_the_general_construction():
+    """A decode-only step takes `_decode_metadata`; it must build the tensors the general path builds,
+    including sequences whose new token opens a block and tables longer than the step needs."""
+    from raymoe.attention import backend
+
+    gen = torch.Generator().manual_seed(0)
+    block_size = 4
+    for _ in range(20):
+        num = int(torch.randint(1, 9, (1,), generator=gen))
+        ctx = torch.randint(0, 30, (num,), generator=gen).tolist()
+        tables = [torch.randperm(60, generator=gen)[: c // block_size + 1 + int(torch.randint(0, 3, (1,), generator=gen))]
+                  .add(1).tolist() for c in ctx]
+        fast = build_metadata([1] * num, ctx, tables, block_size)
+        general = backend._mixed_metadata([1] * num, ctx, tables, block_size, "cpu")
+        assert fast.all_decode and general.all_decode and fast.prefill is None and general.prefill is None
+        assert fast.num_tokens == general.num_tokens == num
+        for name in ("slot_mapping", "decode_token_idx", "decode_block_tables", "decode_seq_lens", "decode_bias"):
+            a, b = getattr(fast, name), getattr(general, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
