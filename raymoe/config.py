@@ -76,7 +76,9 @@ class ParallelConfig(_Node):
 
 class KernelsConfig(_Node):
     backend: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="Hot-path kernels: Triton on CUDA, torch references on CPU ('auto').")
+        "auto", description="Hot-path kernels. 'auto': Triton on CUDA; on CPU the C decode-attention kernel "
+        "(built on first use where a C compiler is present), torch references otherwise. 'torch': torch "
+        "references only. 'triton': Triton everywhere (on CPU through its interpreter).")
 
 
 class AutoscalingConfig(_Node):

@@ -43,7 +43,9 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor  # [Bd] positions in the flat batch of decode tokens
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32, padded with block 0
     decode_seq_lens: torch.Tensor  # [Bd] int32
-    decode_bias: torch.Tensor  # [Bd, 1, max_blocks * block_size] fp32: 0 on real context, -inf past the end
+    # [Bd, 1, max_blocks * block_size] fp32: 0 on real context, -inf past the end; built on first use
+    # (`decode_bias()`): only the torch decode path reads it, the kernels take `decode_seq_lens`
+    decode_bias: torch.Tensor | None
     prefill: PrefillBatch | None
     num_tokens: int
     all_decode: bool  # every token is a decode token, in flat order (skip the gather/scatter)
@@ -99,12 +101,9 @@ def _mixed_metadata(query_lens: list[int], context_lens: list[int], block_tables
                 flat += [0] * (max_blocks - len(t))
         tables = torch.tensor(flat, dtype=torch.int32).view(len(dec_tables), max_blocks)
         seq_lens = torch.tensor(dec_lens, dtype=torch.int32)
-        past_end = torch.arange(max_blocks * block_size).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [Bd, L]
-        bias = torch.zeros(past_end.shape, dtype=torch.float32).masked_fill_(past_end, float("-inf")).unsqueeze(1)
     else:
         tables = torch.zeros(0, 0, dtype=torch.int32)
         seq_lens = torch.zeros(0, dtype=torch.int32)
-        bias = torch.zeros(0, 1, 0, dtype=torch.float32)
     prefill = None
     if pre:
         q_max = max(q for _, q, _, _ in pre)
@@ -128,7 +127,7 @@ def _mixed_metadata(query_lens: list[int], context_lens: list[int], block_tables
         decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=device),
         decode_block_tables=tables.to(device),
         decode_seq_lens=seq_lens.to(device),
-        decode_bias=bias.to(device),
+        decode_bias=None,
         prefill=prefill,
         num_tokens=start,
         all_decode=not pre,
@@ -153,18 +152,27 @@ def _decode_metadata(context_lens: list[int], block_tables: list[list[int]], blo
             flat += [0] * (max_blocks - len(table))
     tables = torch.tensor(flat, dtype=torch.int32).view(num, max_blocks)
     seq_lens = torch.tensor(context_lens, dtype=torch.int32).add_(1)
-    past_end = torch.arange(max_blocks * block_size).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [Bd, L]
-    bias = torch.zeros(past_end.shape, dtype=torch.float32).masked_fill_(past_end, float("-inf")).unsqueeze(1)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         decode_token_idx=torch.arange(num, device=device),
         decode_block_tables=tables.to(device),
         decode_seq_lens=seq_lens.to(device),
-        decode_bias=bias.to(device),
+        decode_bias=None,
         prefill=None,
         num_tokens=num,
         all_decode=True,
     )
+
+
+def decode_bias(md: AttentionMetadata, block_size: int) -> torch.Tensor:
+    """`md.decode_bias`, built on first use: [Bd, 1, max_blocks * block_size] fp32, 0 up to each decode
+    sequence's length and -inf past it (the additive mask of the torch decode path)."""
+    if md.decode_bias is None:
+        lens = md.decode_seq_lens
+        past_end = torch.arange(md.decode_block_tables.shape[1] * block_size, device=lens.device) >= lens[:, None]
+        md.decode_bias = torch.zeros(past_end.shape, dtype=torch.float32, device=lens.device).masked_fill_(
+            past_end, float("-inf")).unsqueeze(1)
+    return md.decode_bias
 
 
 class PagedMLAAttention:
@@ -173,10 +181,14 @@ class PagedMLAAttention:
     `kv_cache` is `[num_layers, num_blocks, block_size, C + R]`; `metadata` is set before each step.
     """
 
-    def __init__(self, kv_cache: torch.Tensor, kv_lora_rank: int, *, use_triton: bool = False):
+    def __init__(self, kv_cache: torch.Tensor, kv_lora_rank: int, *, use_triton: bool = False,
+                 use_cpu_kernel: bool = False):
+        if use_triton and use_cpu_kernel:
+            raise ValueError("use_triton and use_cpu_kernel are exclusive")
         self.kv_cache = kv_cache
         self.kv_lora_rank = kv_lora_rank
         self.use_triton = use_triton  # decode through raymoe_kernels.mla_decode (CUDA, or CPU interpreter)
+        self.use_cpu_kernel = use_cpu_kernel  # decode through raymoe_kernels.cpu.mla_decode_cpu (C, pages in place)
         self.metadata: AttentionMetadata | None = None
         self._pages = list(kv_cache.unbind(0))  # per layer [num_blocks, block_size, C+R] (views)
         self._slots = [pages.view(-1, kv_cache.shape[-1]) for pages in self._pages]  # per layer [slots, C+R]
@@ -288,6 +300,12 @@ class PagedMLAAttention:
 
             return mla_decode(q_lat, q_pe, self.kv_cache[layer_id], md.decode_block_tables, md.decode_seq_lens,
                               scale)
+        if self.use_cpu_kernel:
+            from raymoe_kernels.cpu import mla_decode_cpu
+
+            out = mla_decode_cpu(q_lat.float(), q_pe.float(), self._pages[layer_id], md.decode_block_tables,
+                                 md.decode_seq_lens, scale)
+            return out if out.dtype == q_lat.dtype else out.to(q_lat.dtype)
         C = self.kv_lora_rank
         # Whole blocks through the block table (index_select: ~3x faster than per-slot advanced
         # indexing on CPU), then one bmm over latent+rope: q·[c_kv | k_pe] = q_lat·c_kv + q_pe·k_pe.
@@ -296,7 +314,7 @@ class PagedMLAAttention:
         kv = self._gather_blocks(pages, md.decode_block_tables.view(-1)).view(Bd, -1, pages.shape[-1])  # [Bd, L, C+R]
         q = torch.cat([q_lat, q_pe], dim=-1)  # [Bd, H, C+R]
         kv32 = kv.float()  # scores, softmax and the weighted sum in fp32 (see _prefill_absorbed)
-        scores = torch.baddbmm(md.decode_bias, q.float(), kv32.transpose(1, 2), alpha=scale)  # [Bd, H, L]
+        scores = torch.baddbmm(decode_bias(md, pages.shape[1]), q.float(), kv32.transpose(1, 2), alpha=scale)  # [Bd, H, L]
         p = torch.softmax(scores, dim=-1)  # -inf past each end
         # the rope columns of the product are dropped (R of C+R: cheap)
         return torch.bmm(p, kv32)[..., :C].to(kv.dtype)

@@ -58,6 +58,16 @@ def resolve_kernels_backend(backend: str, device: torch.device) -> str:
     return "triton" if available and device.type == "cuda" else "torch"
 
 
+def use_cpu_attention_kernel(backend: str, device: torch.device) -> bool:
+    """Decode attention through raymoe_kernels' C kernel: `auto` on a CPU device when it builds here
+    (a C compiler is present and RAYMOE_CPU_KERNELS is not 0); `torch` keeps the torch reference."""
+    if backend != "auto" or device.type != "cpu":
+        return False
+    from raymoe_kernels.cpu import is_available
+
+    return is_available()
+
+
 def _ban_stops_before_min_tokens(logits: torch.Tensor, requests: list) -> None:
     """As vLLM: below `min_tokens` outputs, EOS (unless ignored) and stop token ids cannot be sampled."""
     for i, r in enumerate(requests):
@@ -80,8 +90,10 @@ class ModelRunner:
         dtype = next(model.parameters()).dtype
         self.kv_cache = torch.zeros(args.num_hidden_layers, spec.num_blocks, spec.block_size, args.kv_cache_size,
                                     dtype=dtype, device=self.device)
-        self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank,
-                                      use_triton=resolve_kernels_backend(kernels_backend, self.device) == "triton")
+        use_triton = resolve_kernels_backend(kernels_backend, self.device) == "triton"
+        self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank, use_triton=use_triton,
+                                      use_cpu_kernel=not use_triton and use_cpu_attention_kernel(kernels_backend,
+                                                                                                   self.device))
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
 

@@ -79,7 +79,7 @@ class RoutedExperts(nn.ModuleDict):
     not host (or < 0) are ignored. Accumulation is fp32, cast to x.dtype at the end.
 
     Four ways to compute, same result: a loop with one GEMM per expert present; after `fuse()`
-    stacked the (unquantized) weights into `[E, 2I, D]` / `[E, D, I]` tensors that the experts' own
+    stacked the (unquantized) weights into `[E, D, 2I]` / `[E, I, D]` tensors that the experts' own
     parameters then view (no extra memory), one padded grouped GEMM (`bmm`) per projection: a few
     tensor ops whatever the number of experts, which is what decode batches need on CPU (used while
     padding stays below GROUPED_MAX_PADDING × the real pairs); for models with few experts per routed
@@ -131,12 +131,15 @@ class RoutedExperts(nn.ModuleDict):
         if not experts or not all(type(m) is nn.Linear for m in linears) or linears[0].weight.is_meta:
             return False
         inter = experts[0].gate_proj.out_features
-        w13 = torch.stack([torch.cat([ex.gate_proj.weight, ex.up_proj.weight]) for ex in experts])  # [E, 2I, D]
-        w2 = torch.stack([ex.down_proj.weight for ex in experts])  # [E, D, I]
+        # Stacked input-dim-major ([E, D, 2I] / [E, I, D]: each expert's weight column-major, as
+        # layers.gemm_layout lays out dense linears), so the bmm multiplies without a transposed operand:
+        # ~2x faster on CPU at decode sizes (64 tokens x 8 experts: 39 vs 90 us, measured 2026-11).
+        w13 = torch.stack([torch.cat([ex.gate_proj.weight, ex.up_proj.weight]).t() for ex in experts])  # [E, D, 2I]
+        w2 = torch.stack([ex.down_proj.weight.t() for ex in experts])  # [E, I, D]
         for i, ex in enumerate(experts):  # the parameters become views of the stacks: one copy in memory
-            ex.gate_proj.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
-            ex.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
-            ex.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+            ex.gate_proj.weight = nn.Parameter(w13[i, :, :inter].t(), requires_grad=False)
+            ex.up_proj.weight = nn.Parameter(w13[i, :, inter:].t(), requires_grad=False)
+            ex.down_proj.weight = nn.Parameter(w2[i].t(), requires_grad=False)
         self._fused = (w13, w2, self._local_index(w13.device))
         # every hosted expert on every token costs at most the padding the grouped GEMM may add (E·T rows
         # for T·K·E/n_routed routed pairs, on average) and needs no sorting: small models
@@ -225,16 +228,16 @@ class RoutedExperts(nn.ModuleDict):
         slot = local[topk_ids.clamp(min=-1)]  # [T, K] stack index; E collects pairs hosted elsewhere
         routing = x.new_zeros(E + 1, T, dtype=torch.float32)
         routing.scatter_add_(0, slot.t(), topk_weights.t().to(torch.float32))  # [E+1, T]
-        h = torch.bmm(x.expand(E, T, D), w13.transpose(1, 2))  # [E, T, 2I]
+        h = torch.bmm(x.expand(E, T, D), w13)  # [E, T, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))  # [E, T, D]
+        y = torch.bmm(F.silu(gate) * up, w2)  # [E, T, D]
         return (y.float() * routing[:E, :, None]).sum(dim=0)
 
     def _grouped(self, x: torch.Tensor, flat_ids: torch.Tensor, flat_w: torch.Tensor, k: int,
                  pair_out: torch.Tensor) -> bool:
         """Padded grouped GEMM into `pair_out`; False (nothing written) when padding would cost too much."""
         w13, w2, local = self._fused  # type: ignore[misc]
-        E, inter = w13.shape[0], w2.shape[2]
+        E, inter = w13.shape[0], w2.shape[1]
         slot = local[flat_ids.clamp(min=-1)]  # [P] stack index, E = not hosted (-1 wraps to the last: E)
         order = torch.argsort(slot, stable=True)
         counts = torch.bincount(slot, minlength=E + 1)[:E]
@@ -250,8 +253,8 @@ class RoutedExperts(nn.ModuleDict):
         rank = torch.arange(num_pairs, device=x.device) - starts[group]  # position within its expert
         xg = x.new_zeros(E, cap, x.shape[1])
         xg[group, rank] = x[pairs // k]
-        h = torch.bmm(xg, w13.transpose(1, 2))  # [E, cap, 2I]
-        y = torch.bmm(F.silu(h[..., :inter]) * h[..., inter:], w2.transpose(1, 2))  # [E, cap, D]
+        h = torch.bmm(xg, w13)  # [E, cap, 2I]
+        y = torch.bmm(F.silu(h[..., :inter]) * h[..., inter:], w2)  # [E, cap, D]
         pair_out[pairs] = y[group, rank].float() * flat_w[pairs, None]
         return True
 

@@ -43,12 +43,13 @@ def test_batch_equals_reference(tiny_ckpt, prompts, reference):
 
 
 def test_decode_gathers_beyond_the_reused_buffer_equal_reference(tiny_ckpt, prompts, reference, monkeypatch):
-    """The decode context gather reuses one buffer up to GATHER_BUFFER_BYTES and allocates beyond it:
-    with a 24 KiB cap (~16 blocks of 16 fp32 tokens) a batch grows the buffer, then outgrows it."""
+    """The torch decode path's context gather reuses one buffer up to GATHER_BUFFER_BYTES and allocates beyond
+    it: with a 24 KiB cap (~16 blocks of 16 fp32 tokens) a batch grows the buffer, then outgrows it. (The
+    torch backend: `auto` decodes through the C kernel on CPU, which reads the pages in place.)"""
     from raymoe.attention.backend import PagedMLAAttention
 
     monkeypatch.setattr(PagedMLAAttention, "GATHER_BUFFER_BYTES", 24 << 10)
-    llm = LLM(model=str(tiny_ckpt), max_num_seqs=16, max_num_batched_tokens=4096)
+    llm = LLM(model=str(tiny_ckpt), max_num_seqs=16, max_num_batched_tokens=4096, kernels_backend="torch")
     _assert_same(_greedy(llm, prompts), reference)
     buf = llm.engine.runner.attn._gather
     assert buf is not None and buf.numel() * buf.element_size() <= 24 << 10

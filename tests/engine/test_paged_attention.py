@@ -80,6 +80,11 @@ def test_decode_only_metadata_equals_the_general_construction():
         general = backend._mixed_metadata([1] * num, ctx, tables, block_size, "cpu")
         assert fast.all_decode and general.all_decode and fast.prefill is None and general.prefill is None
         assert fast.num_tokens == general.num_tokens == num
-        for name in ("slot_mapping", "decode_token_idx", "decode_block_tables", "decode_seq_lens", "decode_bias"):
+        for name in ("slot_mapping", "decode_token_idx", "decode_block_tables", "decode_seq_lens"):
             a, b = getattr(fast, name), getattr(general, name)
             assert a.dtype == b.dtype and torch.equal(a, b), name
+        bias = backend.decode_bias(fast, block_size)  # built on first use, then kept
+        assert backend.decode_bias(fast, block_size) is bias and bias.shape == (num, 1, fast.decode_block_tables.shape[1] * block_size)
+        for i, c in enumerate(ctx):  # 0 up to and including the new token's position, -inf past it
+            assert torch.equal(bias[i, 0, : c + 1], torch.zeros(c + 1))
+            assert torch.isneginf(bias[i, 0, c + 1:]).all()

@@ -257,7 +257,7 @@ def _fuse(experts: RoutedExperts, path: str) -> None:
 @pytest.mark.parametrize("path", ["grouped", "dense"])
 @pytest.mark.parametrize("tokens", [0, 1, 10, 33, 300])
 def test_fused_paths_equal_the_per_expert_loop(tokens, path):
-    """After fuse() the experts' weights are views of stacked [E, 2I, D] / [E, D, I] tensors, and both the
+    """After fuse() the experts' weights are views of stacked [E, D, 2I] / [E, I, D] tensors, and both the
     padded bmm path and the dense path (every expert on every token, routing-weighted) give the loop's
     sums, for hosted subsets, ids < 0, skewed routing and a token routed twice to the same expert."""
     args = TINY

@@ -1,0 +1,261 @@
+/* Absorbed MLA decode over the paged latent cache, on CPU (raymoe_kernels.cpu builds and loads this).
+ *
+ * One query token per sequence, H heads sharing one latent context (MQA in latent space):
+ *   s[h, t] = scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])      t < seq_len, read through the block table
+ *   p[h, :] = softmax(s[h, :])                                        fp32
+ *   out[h]  = sum_t p[h, t] * c_kv[t]                                 fp32
+ * The math of PagedMLAAttention's torch path, reading the pages in place: no gathered copy of the context,
+ * one pass per sequence instead of gather + two batched GEMMs (whose per-matrix overhead dominates at
+ * 4-16 heads) + softmax. Sequences are split over OpenMP threads: the process's libgomp, i.e. torch's own
+ * (same soname), so the kernel shares torch's thread pool.
+ *
+ * Cache rows are C + R values, fp32 or bf16 (`cache_bf16`); queries and output are fp32. GCC/Clang vector
+ * extensions (8 lanes) keep it portable: AVX2/AVX-512 on x86, NEON pairs on arm64.
+ * Returns 0; -1 when a block id is outside [0, num_blocks) or a length outside [1, max_blocks * bs];
+ * -2 when scratch memory cannot be allocated.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+/* lanes of a where mask (all ones), else b */
+static inline v8f select8(v8i mask, v8f a, v8f b) {
+    v8i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const v8i r = (ai & mask) | (bi & ~mask);
+    v8f out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline float hsum8(v8f v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* exp(x) for x <= 0 (scores minus their max), 8 lanes: Cephes' range reduction x = n ln2 + r and
+ * degree-6 polynomial, ~1 ulp; exactly 0 below -87. */
+static inline v8f exp8(v8f x) {
+    const v8f lo = splat8(-87.0f);
+    const v8i under = x < lo;
+    x = select8(under, lo, x);
+    v8f n = x * splat8(1.44269504088896341f) + splat8(0.5f);
+    v8i ni = __builtin_convertvector(n, v8i);  /* truncation; fix up to floor for negative n */
+    ni += (__builtin_convertvector(ni, v8f) > n);  /* comparisons give -1 where true */
+    n = __builtin_convertvector(ni, v8f);
+    v8f r = x - n * splat8(0.693359375f);
+    r = r + n * splat8(2.12194440e-4f);
+    v8f p = splat8(1.9875691500e-4f);
+    p = p * r + splat8(1.3981999507e-3f);
+    p = p * r + splat8(8.3334519073e-3f);
+    p = p * r + splat8(4.1665795894e-2f);
+    p = p * r + splat8(1.6666665459e-1f);
+    p = p * r + splat8(5.0000001201e-1f);
+    const v8f y = p * (r * r) + r + splat8(1.0f);
+    v8i bits = (ni + 127) << 23;
+    v8f scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const v8f res = y * scale;
+    return select8(under, splat8(0.0f), res);
+}
+
+static inline float exp1(float x) {
+    const v8f r = exp8(splat8(x));
+    return r[0];
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    v8f acc = splat8(0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* r[j] = sum of the lanes of v[j], j < 8: a transpose-and-add tree (7 adds, 14 shuffles for 8 sums). */
+static inline v8f reduce8x8(const v8f *v) {
+    v8f z[4], w[2];
+    for (int j = 0; j < 4; j++)
+        z[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int j = 0; j < 2; j++)
+        w[j] = __builtin_shufflevector(z[2 * j], z[2 * j + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(z[2 * j], z[2 * j + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    /* w[0] = [v0 v1 v2 v3 | v0 v1 v2 v3] partial sums (low / high lanes), w[1] the same for v4..v7 */
+    return __builtin_shufflevector(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* Scores of 4 consecutive rows k (stride D) against 2 query rows q, q + D:
+ * s0[0..3] for q, s1[0..3] for q + D. 8 independent accumulators: each k chunk is loaded once for both
+ * queries, each q chunk once for the 4 rows, and the 8 lane sums come out of one reduction tree. */
+static inline void scores_4x2(const float *q, const float *k, int64_t D, float *s0, float *s1) {
+    v8f acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = splat8(0.0f);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        const v8f qa = load8(q + d), qb = load8(q + D + d);
+        for (int j = 0; j < 4; j++) {
+            const v8f kv = load8(k + j * D + d);
+            acc[j] += qa * kv;
+            acc[4 + j] += qb * kv;
+        }
+    }
+    const v8f r = reduce8x8(acc);
+    for (int j = 0; j < 4; j++) {
+        float a = r[j], b = r[4 + j];
+        for (int64_t e = d; e < D; e++) {
+            a += q[e] * k[j * D + e];
+            b += q[D + e] * k[j * D + e];
+        }
+        s0[j] = a;
+        s1[j] = b;
+    }
+}
+
+/* o[h][c0 .. c0+16) += sum over rows t of p[h][t] * k[t][c0 .. c0+16), for 4 heads h (rows of p: stride
+ * p_stride, of o: stride C): 8 accumulators held in registers over all n rows. */
+static inline void pv_4x16(const float *p, int64_t p_stride, const float *k, int64_t D, int64_t n, float *o,
+                           int64_t C, int64_t c0) {
+    v8f acc[8];
+    for (int h = 0; h < 4; h++) {
+        acc[2 * h] = load8(o + h * C + c0);
+        acc[2 * h + 1] = load8(o + h * C + c0 + 8);
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const v8f k0 = load8(k + t * D + c0), k1 = load8(k + t * D + c0 + 8);
+        for (int h = 0; h < 4; h++) {
+            const v8f ph = splat8(p[h * p_stride + t]);
+            acc[2 * h] += ph * k0;
+            acc[2 * h + 1] += ph * k1;
+        }
+    }
+    for (int h = 0; h < 4; h++) {
+        store8(o + h * C + c0, acc[2 * h]);
+        store8(o + h * C + c0 + 8, acc[2 * h + 1]);
+    }
+}
+
+/* o[0:n] += p * k[0:n] */
+static inline void axpy(float *o, float p, const float *k, int64_t n) {
+    const v8f pv = splat8(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(o + i, load8(o + i) + pv * load8(k + i));
+    for (; i < n; i++) o[i] += p * k[i];
+}
+
+/* The first n rows of block `blk`: a pointer into the fp32 cache, or `scratch` filled from the bf16 one. */
+static inline const float *block_rows(const void *pages, int cache_bf16, int32_t blk, int64_t bs, int64_t D,
+                                      int64_t n, float *scratch) {
+    if (!cache_bf16) return (const float *)pages + (int64_t)blk * bs * D;
+    const uint16_t *src = (const uint16_t *)pages + (int64_t)blk * bs * D;
+    for (int64_t i = 0; i < n * D; i++) {
+        const uint32_t u = ((uint32_t)src[i]) << 16;
+        memcpy(&scratch[i], &u, sizeof(float));
+    }
+    return scratch;
+}
+
+static void softmax_row(float *s, int64_t n) {
+    float mx = s[0];
+    for (int64_t t = 1; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    v8f acc = splat8(0.0f);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const v8f e = exp8(load8(s + t) - splat8(mx));
+        store8(s + t, e);
+        acc += e;
+    }
+    float sum = hsum8(acc);
+    for (; t < n; t++) {
+        s[t] = exp1(s[t] - mx);
+        sum += s[t];
+    }
+    const float inv = 1.0f / sum;
+    for (t = 0; t < n; t++) s[t] *= inv;
+}
+
+int raymoe_mla_decode(const float *q_lat, int64_t q_lat_sb, int64_t q_lat_sh,
+                      const float *q_pe, int64_t q_pe_sb, int64_t q_pe_sh,
+                      const void *pages, int cache_bf16, int64_t num_blocks, int64_t bs,
+                      const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
+                      float *out, int64_t B, int64_t H, int64_t C, int64_t R, float scale, int num_threads) {
+    const int64_t D = C + R;
+    int status = 0;
+    for (int64_t b = 0; b < B; b++) {  /* validate before any thread reads the cache */
+        const int64_t len = seq_lens[b];
+        if (len < 1 || len > max_blocks * bs) return -1;
+        for (int64_t j = 0; j < (len + bs - 1) / bs; j++) {
+            const int32_t blk = block_tables[b * max_blocks + j];
+            if (blk < 0 || blk >= num_blocks) return -1;
+        }
+    }
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : status)
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t len = seq_lens[b];
+        const int32_t *table = block_tables + b * max_blocks;
+        /* scratch: scores [H, len], the query rows [H, D] (q_lat | q_pe), one bf16 block as fp32 [bs, D] */
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(H * len + H * D + (cache_bf16 ? bs * D : 0)));
+        if (scores == NULL) {
+            status |= 1;
+            continue;
+        }
+        float *q = scores + H * len, *rows = q + H * D;
+        for (int64_t h = 0; h < H; h++) {
+            memcpy(q + h * D, q_lat + b * q_lat_sb + h * q_lat_sh, sizeof(float) * (size_t)C);
+            memcpy(q + h * D + C, q_pe + b * q_pe_sb + h * q_pe_sh, sizeof(float) * (size_t)R);
+        }
+        for (int64_t t0 = 0; t0 < len; t0 += bs) {  /* scores, a block at a time */
+            const int64_t n = len - t0 < bs ? len - t0 : bs;
+            const float *blk = block_rows(pages, cache_bf16, table[t0 / bs], bs, D, n, rows);
+            int64_t i = 0;
+            for (; i + 4 <= n; i += 4) {
+                int64_t h = 0;
+                for (; h + 2 <= H; h += 2) scores_4x2(q + h * D, blk + i * D, D, scores + h * len + t0 + i,
+                                                      scores + (h + 1) * len + t0 + i);
+                for (; h < H; h++)
+                    for (int64_t j = 0; j < 4; j++) scores[h * len + t0 + i + j] = dot(q + h * D, blk + (i + j) * D, D);
+            }
+            for (; i < n; i++)
+                for (int64_t h = 0; h < H; h++) scores[h * len + t0 + i] = dot(q + h * D, blk + i * D, D);
+        }
+        for (int64_t h = 0; h < H; h++) {
+            float *s = scores + h * len;
+            for (int64_t t = 0; t < len; t++) s[t] *= scale;
+            softmax_row(s, len);
+        }
+        float *o = out + b * H * C;
+        memset(o, 0, sizeof(float) * (size_t)(H * C));
+        for (int64_t t0 = 0; t0 < len; t0 += bs) {  /* probability-weighted sum of the latents */
+            const int64_t n = len - t0 < bs ? len - t0 : bs;
+            const float *blk = block_rows(pages, cache_bf16, table[t0 / bs], bs, D, n, rows);
+            int64_t h = 0;
+            for (; h + 4 <= H; h += 4) {
+                int64_t c = 0;
+                for (; c + 16 <= C; c += 16) pv_4x16(scores + h * len + t0, len, blk, D, n, o + h * C, C, c);
+                if (c < C)
+                    for (int64_t t = 0; t < n; t++)
+                        for (int64_t hh = h; hh < h + 4; hh++)
+                            for (int64_t cc = c; cc < C; cc++) o[hh * C + cc] += scores[hh * len + t0 + t] * blk[t * D + cc];
+            }
+            for (; h < H; h++)
+                for (int64_t t = 0; t < n; t++) axpy(o + h * C, scores[h * len + t0 + t], blk + t * D, C);
+        }
+        free(scores);
+    }
+    return status ? -2 : 0;
+}

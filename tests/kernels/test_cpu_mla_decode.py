@@ -1,0 +1,121 @@
+"""raymoe_kernels.cpu: the C decode-attention kernel (built here with the machine's C compiler) against the
+torch reference, its input checks, its build switches, and the engine using it on CPU.
+
+CI images carry a C compiler (gcc); where none is found the kernel tests are skipped with that reason and
+the engine runs the torch reference (which the last test checks)."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raymoe_kernels.cpu import is_available, mla_decode_cpu
+from raymoe_kernels.mla_decode import mla_decode_ref
+
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler on this machine")
+
+
+def _case(seq_lens, block_size, num_heads, lat, rope, dtype, gen):
+    blocks = max(math.ceil(n / block_size) for n in seq_lens)
+    num_blocks = len(seq_lens) * blocks + 5
+    kv_cache = torch.randn(num_blocks, block_size, lat + rope, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[: len(seq_lens) * blocks].view(len(seq_lens), blocks).int()
+    q = torch.randn(num_heads, len(seq_lens), lat + rope, generator=gen).transpose(0, 1)  # strided, as the model's
+    return q[..., :lat], q[..., lat:], kv_cache, tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,lat,rope,block_size", [
+    (4, 32, 8, 16),  # the tiny preset
+    (16, 512, 64, 16),  # K2's latent sizes
+    (5, 30, 6, 4),  # odd heads (the 2- and 4-head tiles' remainders), C not a multiple of 8
+    (3, 17, 3, 5),  # every remainder at once, odd block size
+    (1, 8, 0, 1),  # one head, no rope part, one token per block
+])
+def test_matches_the_torch_reference(dtype, heads, lat, rope, block_size):
+    gen = torch.Generator().manual_seed(heads * 1000 + lat)
+    seq_lens = [1, block_size, 3 * block_size + 1, 7, 4 * block_size, 2]
+    q_lat, q_pe, kv_cache, tables, lens = _case(seq_lens, block_size, heads, lat, rope, dtype, gen)
+    out = mla_decode_cpu(q_lat, q_pe, kv_cache, tables, lens, 0.3)
+    assert out.dtype == torch.float32 and out.shape == (len(seq_lens), heads, lat)
+    torch.testing.assert_close(out, mla_decode_ref(q_lat, q_pe, kv_cache, tables, lens, 0.3), atol=2e-5, rtol=1e-5)
+
+
+@needs_cc
+def test_reads_only_its_own_pages():
+    """Pages outside a sequence's table (and rows past its length in its last page) do not change its output,
+    even when they hold NaN."""
+    gen = torch.Generator().manual_seed(1)
+    q_lat, q_pe, kv_cache, tables, lens = _case([5, 9], 4, 4, 32, 8, torch.float32, gen)
+    want = mla_decode_cpu(q_lat, q_pe, kv_cache, tables, lens, 0.2).clone()
+    poisoned = torch.full_like(kv_cache, float("nan"))
+    for b, n in enumerate(lens.tolist()):
+        for j in range(math.ceil(n / 4)):
+            rows = min(4, n - 4 * j)
+            poisoned[tables[b, j], :rows] = kv_cache[tables[b, j], :rows]
+    assert torch.equal(mla_decode_cpu(q_lat, q_pe, poisoned, tables, lens, 0.2), want)
+
+
+@needs_cc
+def test_bad_inputs_raise_value_errors():
+    gen = torch.Generator().manual_seed(2)
+    q_lat, q_pe, kv_cache, tables, lens = _case([5, 9], 4, 4, 32, 8, torch.float32, gen)
+    bad_table = tables.clone()
+    bad_table[1, 1] = kv_cache.shape[0]
+    with pytest.raises(ValueError, match="block ids"):
+        mla_decode_cpu(q_lat, q_pe, kv_cache, bad_table, lens, 0.2)
+    with pytest.raises(ValueError, match="seq_lens"):
+        mla_decode_cpu(q_lat, q_pe, kv_cache, tables, torch.tensor([0, 9], dtype=torch.int32), 0.2)
+    with pytest.raises(ValueError, match="seq_lens"):
+        mla_decode_cpu(q_lat, q_pe, kv_cache, tables, torch.tensor([5, 4 * tables.shape[1] + 1], dtype=torch.int32), 0.2)
+    with pytest.raises(ValueError, match="float32"):
+        mla_decode_cpu(q_lat.double(), q_pe, kv_cache, tables, lens, 0.2)
+    with pytest.raises(ValueError, match="C \\+ R"):
+        mla_decode_cpu(q_lat, q_pe[..., :4], kv_cache, tables, lens, 0.2)
+    with pytest.raises(ValueError, match="contiguous"):
+        mla_decode_cpu(q_lat, q_pe, kv_cache.transpose(0, 1), tables, lens, 0.2)
+
+
+def _probe(env: dict[str, str]) -> str:
+    code = "from raymoe_kernels.cpu import is_available; print(is_available())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_switched_off_or_without_a_compiler_the_kernel_is_unavailable(tmp_path):
+    assert _probe({"RAYMOE_CPU_KERNELS": "0", "RAYMOE_CACHE": str(tmp_path)}) == "False"
+    assert _probe({"CC": str(tmp_path / "no-such-compiler"), "RAYMOE_CACHE": str(tmp_path)}) == "False"
+
+
+@needs_cc
+def test_the_built_library_is_cached_per_source_and_machine(tmp_path):
+    assert _probe({"RAYMOE_CACHE": str(tmp_path)}) == "True"
+    built = sorted((tmp_path / "kernels").glob("mla_decode_cpu-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert _probe({"RAYMOE_CACHE": str(tmp_path)}) == "True"  # loaded, not rebuilt
+    assert sorted((tmp_path / "kernels").glob("*")) == built and built[0].stat().st_mtime_ns == mtime
+
+
+def test_the_engine_decodes_through_the_kernel_on_cpu_and_matches_the_torch_backend(tiny_ckpt):
+    """`kernels.backend: auto` on CPU takes the C kernel when it builds (`torch` keeps the reference); both
+    give the same greedy tokens for a batch of mixed lengths with chunked prefill."""
+    from raymoe import LLM, SamplingParams
+
+    prompts = [[(7 * i + 3 * j) % 1500 + 1 for j in range(n)] for i, n in enumerate([1, 5, 17, 40, 33, 64])]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for backend in ("auto", "torch"):
+        llm = LLM(model=str(tiny_ckpt), dtype="float32", kernels_backend=backend, max_num_batched_tokens=32,
+                  kv_cache_memory=8 << 20)
+        assert llm.engine.runner.attn.use_cpu_kernel == (backend == "auto" and is_available())
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+        llm.shutdown()
+    assert outs["auto"] == outs["torch"]
