@@ -13,7 +13,7 @@ import torch
 
 from raymoe.attention.backend import PagedMLAAttention, build_metadata
 from raymoe.config import EngineConfig
-from raymoe.engine.sampler import Sampler, TokenLogprobs, make_generator
+from raymoe.engine.sampler import Sampler, TokenLogprobs, greedy, make_generator
 from raymoe.engine.scheduler import SchedulerOutput
 from raymoe.model.args import ModelArgs
 
@@ -144,6 +144,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         _ban_stops_before_min_tokens(logits, sample_seqs)
         params = [r.params for r in sample_seqs]
+        if all(p.plain_greedy for p in params):  # nothing but argmax: no histories, generators or logprobs
+            tokens = greedy(logits).tolist()
+            return {r.request_id: (tokens[i], None) for i, r in enumerate(sample_seqs)}
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in sample_seqs]
         gens = [self._generator(r.request_id, r.params.seed) for r in sample_seqs]
         result = self.sampler.sample(logits, params, histories, gens)

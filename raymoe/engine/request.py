@@ -9,6 +9,7 @@ Times are `time.monotonic()` seconds.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """Greedy, no penalties, no logprobs: the row needs nothing but the argmax of its logits. Read once per
+        step and request, so cached at first use (parameters are not changed after a request is added)."""
+        return self.is_greedy and not self.has_penalties and self.logprobs is None
 
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing logits by ~0 overflows.

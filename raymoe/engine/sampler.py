@@ -75,9 +75,9 @@ class Sampler:
         """
         B, V = logits.shape
         assert len(params) == B and len(histories) == B and len(generators) == B, "one entry per row"
-        want_logprobs = [p.logprobs is not None for p in params]
-        if all(p.is_greedy and not p.has_penalties for p in params) and not any(want_logprobs):
+        if all(p.plain_greedy for p in params):
             return SamplerOutput(greedy(logits), [None] * B)  # all-greedy fast path
+        want_logprobs = [p.logprobs is not None for p in params]
 
         logits = logits.to(torch.float32, copy=True)
         penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]

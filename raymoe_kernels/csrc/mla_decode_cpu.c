@@ -172,9 +172,18 @@ static inline const float *block_rows(const void *pages, int cache_bf16, int32_t
 
 static void softmax_row(float *s, int64_t n) {
     float mx = s[0];
-    for (int64_t t = 1; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-    v8f acc = splat8(0.0f);
     int64_t t = 0;
+    if (n >= 8) {  /* 8 running maxima: a scalar max chain waits on every compare */
+        v8f m = load8(s);
+        for (t = 8; t + 8 <= n; t += 8) {
+            const v8f v = load8(s + t);
+            m = select8(v > m, v, m);
+        }
+        for (int j = 0; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
+    }
+    for (; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    v8f acc = splat8(0.0f);
+    t = 0;
     for (; t + 8 <= n; t += 8) {
         const v8f e = exp8(load8(s + t) - splat8(mx));
         store8(s + t, e);
