@@ -7,6 +7,8 @@ TRITON_INTERPRET=1 (which must be set before this package is imported).
   permute.py     moe_permute / moe_unpermute        [Gate] -> permute -> experts -> unpermute
   moe_w4a16.py   fused_moe_w4a16 (INT4 compressed-tensors experts, SwiGLU fused)
   mla_decode.py  mla_decode (absorbed MLA over the paged latent cache, split-KV)
+  cpu.py         mla_decode_cpu: the same op in C for CPU engines (built on first use with the machine's C
+                 compiler; import raymoe_kernels.cpu, it is not re-exported here)
   bench/         CUDA-only benchmarks at K2 decode shapes: python -m raymoe_kernels.bench.bench_<op>
 """
 

@@ -133,7 +133,8 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
 
     q_lat [B, H, C], q_pe [B, H, R] fp32 (any strides with a unit last dim); kv_cache [num_blocks, block_size,
     C + R] fp32 or bf16, contiguous; block_tables [B, max_blocks] int32; seq_lens [B] int32, each in
-    [1, max_blocks * block_size]. Returns fp32 [B, H, C] (`out` when given: fp32, contiguous, that shape).
+    [0, max_blocks * block_size] (0: a row of zeros, as the reference). Returns fp32 [B, H, C] (`out` when
+    given: fp32, contiguous, that shape).
     """
     lib = _lib("mla_decode_cpu")
     if lib is None:
@@ -168,7 +169,7 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
                                lens.data_ptr(), out.data_ptr(), B, H, C, R, float(softmax_scale),
                                torch.get_num_threads())
     if rc == -1:
-        raise ValueError(f"seq_lens must be in [1, {tables.shape[1] * kv_cache.shape[1]}] and block ids in "
+        raise ValueError(f"seq_lens must be in [0, {tables.shape[1] * kv_cache.shape[1]}] and block ids in "
                          f"[0, {kv_cache.shape[0]}): got lengths {lens.tolist()[:8]}...")
     if rc != 0:
         raise MemoryError("mla_decode_cpu could not allocate its scratch memory")

@@ -11,7 +11,7 @@
  *
  * Cache rows are C + R values, fp32 or bf16 (`cache_bf16`); queries and output are fp32. GCC/Clang vector
  * extensions (8 lanes) keep it portable: AVX2/AVX-512 on x86, NEON pairs on arm64.
- * Returns 0; -1 when a block id is outside [0, num_blocks) or a length outside [1, max_blocks * bs];
+ * Returns 0; -1 when a block id is outside [0, num_blocks) or a length outside [0, max_blocks * bs];
  * -2 when scratch memory cannot be allocated.
  */
 #include <stdint.h>
@@ -207,7 +207,7 @@ int raymoe_mla_decode(const float *q_lat, int64_t q_lat_sb, int64_t q_lat_sh,
     int status = 0;
     for (int64_t b = 0; b < B; b++) {  /* validate before any thread reads the cache */
         const int64_t len = seq_lens[b];
-        if (len < 1 || len > max_blocks * bs) return -1;
+        if (len < 0 || len > max_blocks * bs) return -1;
         for (int64_t j = 0; j < (len + bs - 1) / bs; j++) {
             const int32_t blk = block_tables[b * max_blocks + j];
             if (blk < 0 || blk >= num_blocks) return -1;
@@ -217,6 +217,10 @@ int raymoe_mla_decode(const float *q_lat, int64_t q_lat_sb, int64_t q_lat_sh,
     for (int64_t b = 0; b < B; b++) {
         const int64_t len = seq_lens[b];
         const int32_t *table = block_tables + b * max_blocks;
+        if (len == 0) {  /* nothing to attend to: zeros, as the reference */
+            memset(out + b * H * C, 0, sizeof(float) * (size_t)(H * C));
+            continue;
+        }
         /* scratch: scores [H, len], the query rows [H, D] (q_lat | q_pe), one bf16 block as fp32 [bs, D] */
         float *scores = (float *)malloc(sizeof(float) * (size_t)(H * len + H * D + (cache_bf16 ? bs * D : 0)));
         if (scores == NULL) {

@@ -39,7 +39,7 @@ def _case(seq_lens, block_size, num_heads, lat, rope, dtype, gen):
 ])
 def test_matches_the_torch_reference(dtype, heads, lat, rope, block_size):
     gen = torch.Generator().manual_seed(heads * 1000 + lat)
-    seq_lens = [1, block_size, 3 * block_size + 1, 7, 4 * block_size, 2]
+    seq_lens = [1, block_size, 3 * block_size + 1, 0, 7, 4 * block_size, 2]  # 0: a row of zeros
     q_lat, q_pe, kv_cache, tables, lens = _case(seq_lens, block_size, heads, lat, rope, dtype, gen)
     out = mla_decode_cpu(q_lat, q_pe, kv_cache, tables, lens, 0.3)
     assert out.dtype == torch.float32 and out.shape == (len(seq_lens), heads, lat)
@@ -70,7 +70,7 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="block ids"):
         mla_decode_cpu(q_lat, q_pe, kv_cache, bad_table, lens, 0.2)
     with pytest.raises(ValueError, match="seq_lens"):
-        mla_decode_cpu(q_lat, q_pe, kv_cache, tables, torch.tensor([0, 9], dtype=torch.int32), 0.2)
+        mla_decode_cpu(q_lat, q_pe, kv_cache, tables, torch.tensor([-1, 9], dtype=torch.int32), 0.2)
     with pytest.raises(ValueError, match="seq_lens"):
         mla_decode_cpu(q_lat, q_pe, kv_cache, tables, torch.tensor([5, 4 * tables.shape[1] + 1], dtype=torch.int32), 0.2)
     with pytest.raises(ValueError, match="float32"):
