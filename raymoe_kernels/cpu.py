@@ -47,8 +47,17 @@ def _cpu_id() -> bytes:
 
 
 def _cache_dir() -> Path:
+    """`$RAYMOE_CACHE/kernels` (default `~/.cache/raymoe/kernels`), or a folder under the temp dir when that
+    cannot be written (e.g. a read-only root filesystem in a pod)."""
     root = os.environ.get("RAYMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "raymoe")
-    return Path(root) / "kernels"
+    path = Path(root) / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"raymoe-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
 # Tried in order: a compiler without -march=native (some clang targets) or without OpenMP (Apple clang)
@@ -74,9 +83,10 @@ def _build(name: str) -> ctypes.CDLL | None:
         logger.warning("C compiler %s does not run (%s): CPU kernels off", cc, e)
         return None
     errors = []
+    cache = _cache_dir()
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([src.read_bytes(), " ".join(flags).encode(), version, _cpu_id()]))
-        out = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+        out = cache / f"{name}-{key.hexdigest()[:16]}.so"
         if not out.exists():
             error = _compile(cc, flags, src, out)
             if error:
@@ -92,9 +102,12 @@ def _build(name: str) -> ctypes.CDLL | None:
 
 def _compile(cc: str, flags: tuple[str, ...], src: Path, out: Path) -> str | None:
     """Compile `src` into `out` (atomically: a temporary name, then a rename); the error text, or None."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        return f"cannot write {out.parent}: {e}"
     try:
         proc = subprocess.run([cc, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:

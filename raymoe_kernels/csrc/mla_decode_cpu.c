@@ -4,10 +4,11 @@
  *   s[h, t] = scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])      t < seq_len, read through the block table
  *   p[h, :] = softmax(s[h, :])                                        fp32
  *   out[h]  = sum_t p[h, t] * c_kv[t]                                 fp32
- * The math of PagedMLAAttention's torch path, reading the pages in place: no gathered copy of the context,
- * one pass per sequence instead of gather + two batched GEMMs (whose per-matrix overhead dominates at
- * 4-16 heads) + softmax. Sequences are split over OpenMP threads: the process's libgomp, i.e. torch's own
- * (same soname), so the kernel shares torch's thread pool.
+ * The math of PagedMLAAttention's torch path, reading the pages in place (no gathered copy of the context):
+ * per sequence a pass of scores in 4-token x 2-head tiles, a softmax, and a pass of the weighted sum in
+ * 4-head x 16-channel register tiles, instead of gather + two batched GEMMs (whose per-matrix overhead
+ * dominates at 4-16 heads) + softmax. Sequences are split over OpenMP threads: the process's libgomp, i.e.
+ * torch's own (same soname), so the kernel shares torch's thread pool.
  *
  * Cache rows are C + R values, fp32 or bf16 (`cache_bf16`); queries and output are fp32. GCC/Clang vector
  * extensions (8 lanes) keep it portable: AVX2/AVX-512 on x86, NEON pairs on arm64.

@@ -104,6 +104,16 @@ def test_the_built_library_is_cached_per_source_and_machine(tmp_path):
     assert sorted((tmp_path / "kernels").glob("*")) == built and built[0].stat().st_mtime_ns == mtime
 
 
+@needs_cc
+def test_an_unwritable_cache_folder_falls_back_to_the_temp_dir(tmp_path):
+    """A read-only home (a pod's root filesystem): RAYMOE_CACHE that cannot be created still builds the kernel,
+    under the temp dir."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert _probe({"RAYMOE_CACHE": str(blocker), "TMPDIR": str(tmp_path)}) == "True"
+    assert list(tmp_path.glob("raymoe-kernels-*/mla_decode_cpu-*.so"))
+
+
 def test_the_engine_decodes_through_the_kernel_on_cpu_and_matches_the_torch_backend(tiny_ckpt):
     """`kernels.backend: auto` on CPU takes the C kernel when it builds (`torch` keeps the reference); both
     give the same greedy tokens for a batch of mixed lengths with chunked prefill."""
