@@ -67,7 +67,7 @@ def build_metadata(
     """Slots and masks for a flat batch: sequence i contributes `query_lens[i]` new tokens whose
     positions follow `context_lens[i]` tokens already in the cache."""
     if query_lens and len(query_lens) == sum(query_lens):  # one new token each (query lengths are >= 1)
-        return _decode_metadata(context_lens, block_tables, block_size, device)
+        return decode_metadata(context_lens, block_tables, block_size, device)
     return _mixed_metadata(query_lens, context_lens, block_tables, block_size, device)
 
 
@@ -134,10 +134,10 @@ def _mixed_metadata(query_lens: list[int], context_lens: list[int], block_tables
     )
 
 
-def _decode_metadata(context_lens: list[int], block_tables: list[list[int]], block_size: int,
-                     device: torch.device | str) -> AttentionMetadata:
-    """`build_metadata` for a decode-only step (one new token per sequence, the common case under load):
-    the same tensors from one pass over the sequences."""
+def decode_metadata(context_lens: list[int], block_tables: list[list[int]], block_size: int,
+                    device: torch.device | str = "cpu") -> AttentionMetadata:
+    """`build_metadata` for a decode-only step (one new token per sequence, at position `context_lens[i]`; the
+    common case under load): the same tensors from one pass over the sequences."""
     num = len(context_lens)
     max_blocks = max(context_lens) // block_size + 1  # blocks of the longest sequence, new token included
     slots: list[int] = []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.attention.backend import PagedMLAAttention, build_metadata
+from raymoe.attention.backend import PagedMLAAttention, build_metadata, decode_metadata
 from raymoe.config import EngineConfig
 from raymoe.engine.sampler import Sampler, TokenLogprobs, greedy, make_generator
 from raymoe.engine.scheduler import SchedulerOutput
@@ -122,17 +122,30 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_seqs = []
-        for seq in out.scheduled:
-            req, start, n = seq.request, seq.start_position, seq.num_new_tokens
-            ids += req.token_ids_slice(start, start + n)
-            positions += range(start, start + n)
-            query_lens.append(n)
-            context_lens.append(start)
-            tables.append(req.block_ids)
-            if seq.needs_sample:
-                sample_rows.append(len(ids) - 1)
-                sample_seqs.append(req)
-        self.attn.metadata = build_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
+        if all(seq.num_new_tokens == 1 for seq in out.scheduled):  # decode-only: one token each, at its start
+            for i, seq in enumerate(out.scheduled):
+                req, start = seq.request, seq.start_position
+                num_prompt = len(req.prompt_token_ids)
+                ids.append(req.prompt_token_ids[start] if start < num_prompt else req.output_token_ids[start - num_prompt])
+                context_lens.append(start)
+                tables.append(req.block_ids)
+                if seq.needs_sample:
+                    sample_rows.append(i)
+                    sample_seqs.append(req)
+            positions = context_lens
+            self.attn.metadata = decode_metadata(context_lens, tables, self.spec.block_size, self.device)
+        else:
+            for seq in out.scheduled:
+                req, start, n = seq.request, seq.start_position, seq.num_new_tokens
+                ids += req.token_ids_slice(start, start + n)
+                positions += range(start, start + n)
+                query_lens.append(n)
+                context_lens.append(start)
+                tables.append(req.block_ids)
+                if seq.needs_sample:
+                    sample_rows.append(len(ids) - 1)
+                    sample_seqs.append(req)
+            self.attn.metadata = build_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, attn=self.attn)

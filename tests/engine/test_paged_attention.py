@@ -65,7 +65,7 @@ def test_short_chunks_over_long_contexts_take_the_absorbed_form():
 
 
 def test_decode_only_metadata_equals_the_general_construction():
-    """A decode-only step takes `_decode_metadata`; it must build the tensors the general path builds,
+    """A decode-only step takes `decode_metadata`; it must build the tensors the general path builds,
     including sequences whose new token opens a block and tables longer than the step needs."""
     from raymoe.attention import backend
 
