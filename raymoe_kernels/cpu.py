@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,23 +122,31 @@ def _compile(cc: str, flags: tuple[str, ...], src: Path, out: Path) -> str | Non
             os.unlink(tmp)
 
 
-def _lib(name: str) -> ctypes.CDLL | None:
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# per source: (exported function, its C argument types); the functions return an int status
+_SIGNATURES = {
+    "mla_decode_cpu": ("raymoe_mla_decode", [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int, _I64, _I64, _PTR,
+                                             _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]),
+}
+
+
+def _kernel(name: str) -> Callable[..., int] | None:
+    """The typed C function of `csrc/{name}.c`, built and loaded once per process (None: unavailable)."""
     with _lock:
         if name not in _libs:
             lib = _build(name)
-            if lib is not None and name == "mla_decode_cpu":
-                i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                fn = lib.raymoe_mla_decode
-                fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ptr,
-                               i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
-                fn.restype = ctypes.c_int
+            if lib is not None:
+                symbol, argtypes = _SIGNATURES[name]
+                fn = getattr(lib, symbol)
+                fn.argtypes, fn.restype = argtypes, ctypes.c_int
             _libs[name] = lib
-        return _libs[name]
+        lib = _libs[name]
+        return None if lib is None else getattr(lib, _SIGNATURES[name][0])
 
 
 def is_available() -> bool:
     """Whether the CPU kernels are built (or can be) and loaded in this process."""
-    return _lib("mla_decode_cpu") is not None
+    return _kernel("mla_decode_cpu") is not None
 
 
 def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -149,8 +158,8 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     [0, max_blocks * block_size] (0: a row of zeros, as the reference). Returns fp32 [B, H, C] (`out` when
     given: fp32, contiguous, that shape).
     """
-    lib = _lib("mla_decode_cpu")
-    if lib is None:
+    fn = _kernel("mla_decode_cpu")
+    if fn is None:
         raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
@@ -176,7 +185,7 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
         raise ValueError(f"out must be a contiguous float32 [{B}, {H}, {C}] tensor")
     if B == 0:
         return out
-    rc = lib.raymoe_mla_decode(q_lat.data_ptr(), q_lat.stride(0), q_lat.stride(1), q_pe.data_ptr(), q_pe.stride(0),
+    rc = fn(q_lat.data_ptr(), q_lat.stride(0), q_lat.stride(1), q_pe.data_ptr(), q_pe.stride(0),
                                q_pe.stride(1), kv_cache.data_ptr(), int(kv_cache.dtype == torch.bfloat16),
                                kv_cache.shape[0], kv_cache.shape[1], tables.data_ptr(), tables.shape[1],
                                lens.data_ptr(), out.data_ptr(), B, H, C, R, float(softmax_scale),

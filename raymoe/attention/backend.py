@@ -189,6 +189,10 @@ class PagedMLAAttention:
         self.kv_lora_rank = kv_lora_rank
         self.use_triton = use_triton  # decode through raymoe_kernels.mla_decode (CUDA, or CPU interpreter)
         self.use_cpu_kernel = use_cpu_kernel  # decode through raymoe_kernels.cpu.mla_decode_cpu (C, pages in place)
+        if use_cpu_kernel:
+            from raymoe_kernels.cpu import mla_decode_cpu
+
+            self._mla_decode_cpu = mla_decode_cpu
         self.metadata: AttentionMetadata | None = None
         self._pages = list(kv_cache.unbind(0))  # per layer [num_blocks, block_size, C+R] (views)
         self._slots = [pages.view(-1, kv_cache.shape[-1]) for pages in self._pages]  # per layer [slots, C+R]
@@ -301,10 +305,8 @@ class PagedMLAAttention:
             return mla_decode(q_lat, q_pe, self.kv_cache[layer_id], md.decode_block_tables, md.decode_seq_lens,
                               scale)
         if self.use_cpu_kernel:
-            from raymoe_kernels.cpu import mla_decode_cpu
-
-            out = mla_decode_cpu(q_lat.float(), q_pe.float(), self._pages[layer_id], md.decode_block_tables,
-                                 md.decode_seq_lens, scale)
+            out = self._mla_decode_cpu(q_lat.float(), q_pe.float(), self._pages[layer_id], md.decode_block_tables,
+                                       md.decode_seq_lens, scale)
             return out if out.dtype == q_lat.dtype else out.to(q_lat.dtype)
         C = self.kv_lora_rank
         # Whole blocks through the block table (index_select: ~3x faster than per-slot advanced
