@@ -1,9 +1,12 @@
 """CPU kernels in C, compiled on first use with the machine's C compiler and called through ctypes.
 
   csrc/mla_decode_cpu.c   mla_decode_cpu: absorbed MLA decode reading the paged latent cache in place
+  csrc/moe_cpu.c          moe_route_cpu: the noaux_tc router after its GEMM and sigmoid (group-limited top-k)
+                          moe_experts_cpu: the routed SwiGLU experts over their stacked fp32 weights
 
 Why C and not more torch ops: at decode sizes on CPU the torch path's cost is per-op and per-matrix
-overhead (a context gather, two batched GEMMs of 4-16 rows per sequence, a softmax), not arithmetic.
+overhead (a context gather, two batched GEMMs of 4-16 rows per sequence, a softmax; a router of a dozen
+small ops; experts' GEMMs of a few rows each), not arithmetic.
 Why compile at first use rather than at `pip install`: the package stays a pure-Python wheel (no torch
 build dependency), the code is built with `-march=native` for the CPU it runs on, and a machine
 without a compiler still works (the torch references are used, `is_available()` is False).
@@ -122,31 +125,39 @@ def _compile(cc: str, flags: tuple[str, ...], src: Path, out: Path) -> str | Non
             os.unlink(tmp)
 
 
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-# per source: (exported function, its C argument types); the functions return an int status
+_I64, _PTR, _INT, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# per kernel: (source in csrc/, exported function, its C argument types); the functions return an int status
 _SIGNATURES = {
-    "mla_decode_cpu": ("raymoe_mla_decode", [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int, _I64, _I64, _PTR,
-                                             _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]),
+    "mla_decode_cpu": ("mla_decode_cpu", "raymoe_mla_decode",
+                       [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64,
+                        _I64, _I64, _F32, _INT]),
+    "moe_route_cpu": ("moe_cpu", "raymoe_moe_route",
+                      [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _INT, _F32, _PTR, _PTR]),
+    "moe_experts_cpu": ("moe_cpu", "raymoe_moe_experts",
+                        [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT]),
 }
 
 
 def _kernel(name: str) -> Callable[..., int] | None:
-    """The typed C function of `csrc/{name}.c`, built and loaded once per process (None: unavailable)."""
+    """The typed C function `name` (a key of _SIGNATURES), its source built and loaded once per process
+    (None: unavailable)."""
+    source, symbol, _ = _SIGNATURES[name]
     with _lock:
-        if name not in _libs:
-            lib = _build(name)
-            if lib is not None:
-                symbol, argtypes = _SIGNATURES[name]
-                fn = getattr(lib, symbol)
-                fn.argtypes, fn.restype = argtypes, ctypes.c_int
-            _libs[name] = lib
-        lib = _libs[name]
-        return None if lib is None else getattr(lib, _SIGNATURES[name][0])
+        if source not in _libs:
+            lib = _build(source)
+            if lib is not None:  # type every function of the source (ctypes keeps the function objects)
+                for src, sym, argtypes in _SIGNATURES.values():
+                    if src == source:
+                        fn = getattr(lib, sym)
+                        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+            _libs[source] = lib
+        lib = _libs[source]
+        return None if lib is None else getattr(lib, symbol)
 
 
 def is_available() -> bool:
     """Whether the CPU kernels are built (or can be) and loaded in this process."""
-    return _kernel("mla_decode_cpu") is not None
+    return all(_kernel(name) is not None for name in _SIGNATURES)
 
 
 def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -195,4 +206,67 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
                          f"[0, {kv_cache.shape[0]}): got lengths {lens.tolist()[:8]}...")
     if rc != 0:
         raise MemoryError("mla_decode_cpu could not allocate its scratch memory")
+    return out
+
+
+def moe_route_cpu(scores: torch.Tensor, bias: torch.Tensor, *, n_group: int, topk_group: int, top_k: int,
+                  norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noaux_tc router after its GEMM and sigmoid, as raymoe.model.moe.Gate: scores [T, E] fp32 (sigmoid of
+    the logits), bias [E] fp32 (chooses only) -> (topk_ids [T, top_k] int64, in descending order of
+    score + bias; topk_weights [T, top_k] fp32). Ties choose the lower expert id."""
+    fn = _kernel("moe_route_cpu")
+    if fn is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    if scores.dim() != 2 or scores.dtype != torch.float32 or scores.device.type != "cpu":
+        raise ValueError(f"scores must be a float32 [T, E] CPU tensor, got {scores.dtype} {tuple(scores.shape)}")
+    T, E = scores.shape
+    if bias.shape != (E,) or bias.dtype != torch.float32 or bias.device.type != "cpu":
+        raise ValueError(f"bias must be a float32 [{E}] CPU tensor, got {bias.dtype} {tuple(bias.shape)}")
+    scores, bias = scores.contiguous(), bias.contiguous()
+    ids = torch.empty(T, top_k, dtype=torch.long)
+    weights = torch.empty(T, top_k, dtype=torch.float32)
+    rc = fn(scores.data_ptr(), T, E, bias.data_ptr(), n_group, topk_group, top_k, int(norm_topk_prob),
+            float(routed_scaling_factor), ids.data_ptr(), weights.data_ptr())
+    if rc == -1:
+        raise ValueError(f"bad routing shape: {E} experts, n_group={n_group}, topk_group={topk_group}, top_k={top_k}")
+    if rc != 0:
+        raise MemoryError("moe_route_cpu could not allocate its scratch memory")
+    return ids, weights
+
+
+def moe_experts_cpu(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
+                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts: out[t] = sum over k of topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]), fp32 [T, D].
+
+    x [T, D] fp32; topk_ids [T, K] int64 global ids (-1, or a non-hosted one: skipped); topk_weights [T, K];
+    local [n_routed + 1] int64: global id -> index in the stacks, E for experts hosted elsewhere (the last
+    entry, for id -1, too); w13 [E, D, 2I] (gate | up rows of each expert, input-dim-major), w2 [E, I, D] fp32.
+    """
+    fn = _kernel("moe_experts_cpu")
+    if fn is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, "
+                         f"topk_weights {tuple(topk_weights.shape)}")
+    T, D = x.shape
+    E, I2 = w13.shape[0], w13.shape[-1]
+    if w13.shape != (E, D, I2) or I2 % 2 or w2.shape != (E, I2 // 2, D):
+        raise ValueError(f"expert stacks do not match x {tuple(x.shape)}: w13 {tuple(w13.shape)} (want [E, D, 2I]), "
+                         f"w2 {tuple(w2.shape)} (want [E, I, D])")
+    if any(t.dtype != torch.float32 for t in (x, w13, w2)):
+        raise ValueError(f"x, w13 and w2 must be float32, got {x.dtype} / {w13.dtype} / {w2.dtype}")
+    if any(t.device.type != "cpu" for t in (x, topk_ids, topk_weights, local, w13, w2)):
+        raise ValueError("moe_experts_cpu takes CPU tensors")
+    if local.dim() != 1 or local.dtype != torch.long:
+        raise ValueError(f"local must be an int64 vector, got {local.dtype} {tuple(local.shape)}")
+    x, w13, w2, local = x.contiguous(), w13.contiguous(), w2.contiguous(), local.contiguous()
+    ids = topk_ids.to(torch.long).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=torch.float32)
+    rc = fn(x.data_ptr(), T, D, ids.data_ptr(), weights.data_ptr(), ids.shape[1], local.data_ptr(), local.shape[0] - 1,
+            w13.data_ptr(), w2.data_ptr(), E, I2 // 2, out.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        raise ValueError(f"topk_ids must be in [-1, {local.shape[0] - 1}], got min {int(ids.min())} max {int(ids.max())}")
+    if rc != 0:
+        raise MemoryError("moe_experts_cpu could not allocate its scratch memory")
     return out

@@ -41,7 +41,9 @@ def kv_cache_spec(args: ModelArgs, cfg: EngineConfig, dtype: torch.dtype) -> KVC
 
 
 def resolve_kernels_backend(backend: str, device: torch.device) -> str:
-    """`auto`: Triton kernels on CUDA when Triton is installed, torch references otherwise.
+    """`auto`: Triton kernels on CUDA when Triton is installed; on a CPU device raymoe_kernels' C kernels
+    ("cpu": decode attention, the MoE router and routed experts) when they build here (a C compiler is
+    present and RAYMOE_CPU_KERNELS is not 0); torch references otherwise.
 
     `triton` on a CPU device runs the kernels through Triton's interpreter (TRITON_INTERPRET=1), which
     is how the CPU test suite checks the engine's kernel path end to end.
@@ -55,17 +57,13 @@ def resolve_kernels_backend(backend: str, device: torch.device) -> str:
         if not available:
             raise ValueError("kernels.backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1)")
         return "triton"
-    return "triton" if available and device.type == "cuda" else "torch"
+    if device.type == "cuda":
+        return "triton" if available else "torch"
+    if device.type == "cpu":
+        from raymoe_kernels.cpu import is_available as cpu_kernels_available
 
-
-def use_cpu_attention_kernel(backend: str, device: torch.device) -> bool:
-    """Decode attention through raymoe_kernels' C kernel: `auto` on a CPU device when it builds here
-    (a C compiler is present and RAYMOE_CPU_KERNELS is not 0); `torch` keeps the torch reference."""
-    if backend != "auto" or device.type != "cpu":
-        return False
-    from raymoe_kernels.cpu import is_available
-
-    return is_available()
+        return "cpu" if cpu_kernels_available() else "torch"
+    return "torch"
 
 
 def _ban_stops_before_min_tokens(logits: torch.Tensor, requests: list) -> None:
@@ -90,10 +88,9 @@ class ModelRunner:
         dtype = next(model.parameters()).dtype
         self.kv_cache = torch.zeros(args.num_hidden_layers, spec.num_blocks, spec.block_size, args.kv_cache_size,
                                     dtype=dtype, device=self.device)
-        use_triton = resolve_kernels_backend(kernels_backend, self.device) == "triton"
-        self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank, use_triton=use_triton,
-                                      use_cpu_kernel=not use_triton and use_cpu_attention_kernel(kernels_backend,
-                                                                                                   self.device))
+        kernels = resolve_kernels_backend(kernels_backend, self.device)
+        self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank, use_triton=kernels == "triton",
+                                      use_cpu_kernel=kernels == "cpu")
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
 

@@ -212,11 +212,11 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "pack
     """Construct the `Transformer` for `ckpt` without a random init and load its weights.
 
     With `local_experts=False` the routed experts are neither built nor read (the attention tier of
-    an expert-parallel deployment). `moe_kernel` ("torch" | "triton", a resolved `kernels.backend`)
-    picks the routed experts' compute (RoutedExperts.set_kernel).
+    an expert-parallel deployment). `moe_kernel` ("torch" | "cpu" | "triton", a resolved `kernels.backend`)
+    picks the router's and the routed experts' compute (Gate / RoutedExperts.set_kernel).
     """
     from raymoe.model.deepseek import Transformer
-    from raymoe.model.moe import RoutedExperts
+    from raymoe.model.moe import Gate, RoutedExperts
 
     if int4_mode not in ("packed", "dequant"):
         raise ValueError(f"int4_mode {int4_mode!r} is not supported (supported: packed, dequant)")
@@ -226,9 +226,9 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "pack
     with torch.device("meta"):
         model = Transformer(ckpt.args, dtype=torch_dtype, local_experts=local_experts, int4=int4)
     model.to_empty(device=device)
-    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    for module in experts:
-        module.set_kernel(moe_kernel)
+    for module in model.modules():
+        if isinstance(module, (RoutedExperts, Gate)):
+            module.set_kernel(moe_kernel)
     with torch.device(device):
         load_weights(model, ckpt)
     model.fuse()  # stack weights read together: routed experts (grouped GEMM / fused kernel), MLA, MLPs

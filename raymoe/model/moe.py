@@ -39,12 +39,27 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, args.hidden_size, dtype=dtype))  # [E,D]
         # Always fp32, as in the checkpoint (HF keeps it fp32 too).
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        self._route_cpu: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def set_kernel(self, kernel: str) -> None:
+        """"cpu": after the GEMM and sigmoid, the selection runs as one C call (raymoe_kernels.cpu.moe_route_cpu,
+        on CPU tensors); anything else: the torch ops below."""
+        if kernel == "cpu":
+            from raymoe_kernels.cpu import moe_route_cpu
+
+            self._route_cpu = moe_route_cpu
+        else:
+            self._route_cpu = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weight
         logits = F.linear(x if x.dtype == torch.float32 else x.float(),
                           w if w.dtype == torch.float32 else w.float())  # [T,E] fp32
         scores = logits.sigmoid()
+        if self._route_cpu is not None and scores.device.type == "cpu":
+            return self._route_cpu(scores, self.e_score_correction_bias, n_group=self.n_group,
+                                   topk_group=self.topk_group, top_k=self.top_k, norm_topk_prob=self.norm_topk_prob,
+                                   routed_scaling_factor=self.routed_scaling_factor)
         choice = scores + self.e_score_correction_bias  # bias: selection only
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)  # [T,G,E/G]
@@ -86,7 +101,9 @@ class RoutedExperts(nn.ModuleDict):
     slot (n_routed ≤ GROUPED_MAX_PADDING × top_k), every hosted expert on every token weighted by a
     dense routing matrix, one unpadded bmm per projection and no sorting; and with
     `set_kernel("triton")` on INT4 experts, raymoe_kernels' permute → fused W4A16 grouped GEMM (SwiGLU fused) → unpermute over the
-    stacked compressed-tensors buffers (`kernels.backend`: CUDA, or CPU under TRITON_INTERPRET=1).
+    stacked compressed-tensors buffers (`kernels.backend`: CUDA, or CPU under TRITON_INTERPRET=1); with
+    `set_kernel("cpu")` on fp32 stacks, one C call (raymoe_kernels.cpu.moe_experts_cpu: grouped by expert,
+    4-row GEMM tiles, a token's bits independent of its batch).
     """
 
     GROUPED_MAX_PADDING = 4
@@ -106,13 +123,19 @@ class RoutedExperts(nn.ModuleDict):
         self._dense = False  # after fuse(): compute every hosted expert on every token (few experts per slot)
         self._fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (w13, w2, local index)
         self.kernel = "torch"
+        self._experts_cpu: Callable[..., torch.Tensor] | None = None  # set_kernel("cpu")
         self._int4: tuple[torch.Tensor, ...] | None = None  # (w13_packed, w13_scale, w2_packed, w2_scale, local)
 
     def set_kernel(self, kernel: str) -> None:
-        """"torch" or "triton" (resolved `kernels.backend`); before loading: triton keeps INT4 as loaded."""
-        if kernel not in ("torch", "triton"):
-            raise ValueError(f"kernel {kernel!r} is not supported (supported: torch, triton)")
+        """"torch", "cpu" or "triton" (a resolved `kernels.backend`); before loading: triton keeps INT4 as loaded."""
+        if kernel not in ("torch", "cpu", "triton"):
+            raise ValueError(f"kernel {kernel!r} is not supported (supported: torch, cpu, triton)")
         self.kernel = kernel
+        self._experts_cpu = None
+        if kernel == "cpu":
+            from raymoe_kernels.cpu import moe_experts_cpu
+
+            self._experts_cpu = moe_experts_cpu
         for ex in self._modules.values():
             for lin in (ex.gate_proj, ex.up_proj, ex.down_proj):
                 if hasattr(lin, "keep_checkpoint_layout"):
@@ -196,6 +219,9 @@ class RoutedExperts(nn.ModuleDict):
         if self._int4 is not None:
             return self._triton_sum(x, topk_ids, topk_weights)
         fused = self._fused is not None and self._fused[0].device == x.device and self._fused[0].dtype == x.dtype
+        if fused and self._experts_cpu is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            w13, w2, local = self._fused
+            return self._experts_cpu(x, topk_ids, topk_weights, local, w13, w2)
         if fused and self._dense:
             return self._dense_sum(x, topk_ids, topk_weights)
         flat_ids = topk_ids.reshape(-1)  # [T*K]

@@ -1,6 +1,8 @@
 """MLA (naive vs absorbed, packed batches), RoPE, router and routed-expert unit tests (fp32, CPU)."""
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ from raymoe.model.mla import MLA, DenseCausalAttention, causal_mask
 from raymoe.model.moe import Gate, MoE, RoutedExperts, moe_ref
 
 TINY = get_preset("tiny")
+# the router's and routed experts' C kernels (raymoe_kernels.cpu), where a C compiler can build them
+KERNELS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler on this machine"))]
 
 
 @torch.no_grad()
@@ -181,10 +186,12 @@ def route_ref(scores, bias, n_group, topk_group, top_k):
     return chosen
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n_group,topk_group", [(4, 2), (4, 1), (1, 1)])
-def test_gate_group_limited_selection_matches_brute_force(n_group, topk_group):
+def test_gate_group_limited_selection_matches_brute_force(n_group, topk_group, kernel):
     args = TINY.replace(n_routed_experts=16, num_experts_per_tok=3, n_group=n_group, topk_group=topk_group)
     gate = randomize(Gate(args))
+    gate.set_kernel(kernel)
     x = torch.randn(40, args.hidden_size)
     ids, w = gate(x)
     assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == (40, 3)
@@ -195,9 +202,11 @@ def test_gate_group_limited_selection_matches_brute_force(n_group, topk_group):
         assert all(len(set((r // (16 // n_group)).tolist())) <= topk_group for r in ids)
 
 
-def test_gate_bias_selects_but_does_not_weight():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gate_bias_selects_but_does_not_weight(kernel):
     args = TINY.replace(n_group=1, topk_group=1)
     gate = Gate(args)
+    gate.set_kernel(kernel)
     nn.init.zeros_(gate.weight)  # every score is sigmoid(0) = 0.5
     gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.2, 0.0]))
     ids, w = gate(torch.randn(5, args.hidden_size))
@@ -205,13 +214,16 @@ def test_gate_bias_selects_but_does_not_weight():
     torch.testing.assert_close(w, torch.full_like(w, args.routed_scaling_factor / 2))
 
 
-def test_gate_weights_sum_to_scaling_factor_or_are_raw_scores():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gate_weights_sum_to_scaling_factor_or_are_raw_scores(kernel):
     gate = randomize(Gate(TINY))
+    gate.set_kernel(kernel)
     x = torch.randn(12, TINY.hidden_size, dtype=torch.bfloat16)
     ids, w = gate(x)
     assert w.dtype == torch.float32
     torch.testing.assert_close(w.sum(-1), torch.full((12,), TINY.routed_scaling_factor))
     raw = Gate(TINY.replace(norm_topk_prob=False))
+    raw.set_kernel(kernel)
     raw.load_state_dict(gate.state_dict())
     ids2, w2 = raw(x)
     scores = (x.float() @ gate.weight.float().T).sigmoid()
@@ -247,14 +259,17 @@ def test_routed_experts_match_reference_and_subsets_add_up():
 
 def _fuse(experts: RoutedExperts, path: str) -> None:
     """fuse(), then keep the computation `path` would pick: TINY (8 experts, top-2) computes densely;
-    dropping the dense weights leaves the padded grouped GEMM (what models with many experts use)."""
+    dropping the dense weights leaves the padded grouped GEMM (what models with many experts use);
+    "cpu" is the C kernel over the same stacks (`kernels.backend: auto` on CPU)."""
     assert experts.fuse()
     assert experts._dense  # n_routed (8) <= GROUPED_MAX_PADDING (4) x top_k (2)
     if path == "grouped":
         experts._dense = False
+    if path == "cpu":
+        experts.set_kernel("cpu")
 
 
-@pytest.mark.parametrize("path", ["grouped", "dense"])
+@pytest.mark.parametrize("path", ["grouped", "dense", pytest.param("cpu", marks=KERNELS[1].marks)])
 @pytest.mark.parametrize("tokens", [0, 1, 10, 33, 300])
 def test_fused_paths_equal_the_per_expert_loop(tokens, path):
     """After fuse() the experts' weights are views of stacked [E, D, 2I] / [E, I, D] tensors, and both the
@@ -286,8 +301,9 @@ def test_fused_paths_equal_the_per_expert_loop(tokens, path):
     torch.testing.assert_close(again(x, ids, w), moe_ref(again, x, ids, w), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_partial_sums_of_shards_add_up_to_the_full_sum_bit_for_bit(dtype):
+@pytest.mark.parametrize("dtype,path", [(torch.float32, "dense"), (torch.bfloat16, "dense"),
+                                        pytest.param(torch.float32, "cpu", marks=KERNELS[1].marks)])
+def test_dense_partial_sums_of_shards_add_up_to_the_full_sum_bit_for_bit(dtype, path):
     """Local and expert-parallel engines must agree token for token: each expert's output is the same GEMM
     whether its shard hosts 8 experts or 2, and with top-2 routing the fp32 sum of two non-zero partials
     is the same whichever shards they come from."""
@@ -297,9 +313,9 @@ def test_dense_partial_sums_of_shards_add_up_to_the_full_sum_bit_for_bit(dtype):
     for part in ([0, 1], [2, 3], [4, 5], [6, 7]):
         shard = RoutedExperts(args, part, dtype=dtype)
         shard.load_state_dict({k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) in part})
-        _fuse(shard, "dense")
+        _fuse(shard, path)
         shards.append(shard)
-    _fuse(full, "dense")
+    _fuse(full, path)
     x, ids, w = routed_inputs(args, 40)
     x = x.to(dtype)
     total = shards[0].partial_sum(x, ids, w)
