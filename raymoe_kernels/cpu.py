@@ -3,10 +3,12 @@
   csrc/mla_decode_cpu.c   mla_decode_cpu: absorbed MLA decode reading the paged latent cache in place
   csrc/moe_cpu.c          moe_route_cpu: the noaux_tc router after its GEMM and sigmoid (group-limited top-k)
                           moe_experts_cpu: the routed SwiGLU experts over their stacked fp32 weights
+  csrc/layers_cpu.c       rms_norm_cpu: RMSNorm of fp32 rows (strided rows read in place)
+                          argmax_cpu: greedy sampling, the first index of each row's maximum
 
 Why C and not more torch ops: at decode sizes on CPU the torch path's cost is per-op and per-matrix
 overhead (a context gather, two batched GEMMs of 4-16 rows per sequence, a softmax; a router of a dozen
-small ops; experts' GEMMs of a few rows each), not arithmetic.
+small ops; experts' GEMMs of a few rows each; five kernels per RMSNorm), not arithmetic.
 Why compile at first use rather than at `pip install`: the package stays a pure-Python wheel (no torch
 build dependency), the code is built with `-march=native` for the CPU it runs on, and a machine
 without a compiler still works (the torch references are used, `is_available()` is False).
@@ -135,6 +137,8 @@ _SIGNATURES = {
                       [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _INT, _F32, _PTR, _PTR]),
     "moe_experts_cpu": ("moe_cpu", "raymoe_moe_experts",
                         [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT]),
+    "rms_norm_cpu": ("layers_cpu", "raymoe_rms_norm", [_PTR, _I64, _I64, _I64, _PTR, _F32, _PTR, _I64]),
+    "argmax_cpu": ("layers_cpu", "raymoe_argmax", [_PTR, _I64, _I64, _I64, _PTR]),
 }
 
 
@@ -269,4 +273,37 @@ def moe_experts_cpu(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         raise ValueError(f"topk_ids must be in [-1, {local.shape[0] - 1}], got min {int(ids.min())} max {int(ids.max())}")
     if rc != 0:
         raise MemoryError("moe_experts_cpu could not allocate its scratch memory")
+    return out
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of fp32 rows, as raymoe.model.layers.RMSNorm: x [T, D] (rows may be strided: a slice of a wider
+    tensor is read in place), weight [D] -> a new contiguous fp32 [T, D]."""
+    fn = _kernel("rms_norm_cpu")
+    if fn is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or (x.stride(-1) != 1 and x.shape[1] > 1):
+        raise ValueError(f"x must be a float32 [T, D] CPU tensor with unit stride in D, got {x.dtype} "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    T, D = x.shape
+    if weight.shape != (D,) or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(f"weight must be a float32 [{D}] CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
+    weight = weight.contiguous()
+    out = torch.empty(T, D, dtype=torch.float32)
+    fn(x.data_ptr(), T, D, x.stride(0), weight.data_ptr(), float(eps), out.data_ptr(), D)
+    return out
+
+
+def argmax_cpu(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] fp32 (unit stride in V) -> int64 [B]: the first index of each row's maximum, NaN counting as
+    the maximum, as `x.max(dim=-1).indices` (greedy sampling)."""
+    fn = _kernel("argmax_cpu")
+    if fn is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] == 0 or \
+            (x.stride(-1) != 1 and x.shape[1] > 1):
+        raise ValueError(f"x must be a non-empty float32 [B, V] CPU tensor with unit stride in V, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    fn(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
     return out

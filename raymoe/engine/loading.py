@@ -42,5 +42,5 @@ def load_engine_parts(config: RayMoEConfig, *, device: str | torch.device = "cpu
 
     model = build_model(ckpt, dtype=config.model.dtype, int4_mode=config.model.int4_mode,
                         local_experts=local_experts, device=device,
-                        moe_kernel=resolve_kernels_backend(config.kernels.backend, torch.device(device)))
+                        kernels=resolve_kernels_backend(config.kernels.backend, torch.device(device)))
     return model, ckpt.args, load_tokenizer(path), path

@@ -89,6 +89,11 @@ class ModelRunner:
         self.kv_cache = torch.zeros(args.num_hidden_layers, spec.num_blocks, spec.block_size, args.kv_cache_size,
                                     dtype=dtype, device=self.device)
         kernels = resolve_kernels_backend(kernels_backend, self.device)
+        self._greedy = greedy
+        if kernels == "cpu":
+            from raymoe_kernels.cpu import argmax_cpu
+
+            self._greedy = argmax_cpu  # the same first maximal index; torch's max-with-index is scalar on CPU
         self.attn = PagedMLAAttention(self.kv_cache, args.kv_lora_rank, use_triton=kernels == "triton",
                                       use_cpu_kernel=kernels == "cpu")
         self.sampler = Sampler()
@@ -155,7 +160,7 @@ class ModelRunner:
         _ban_stops_before_min_tokens(logits, sample_seqs)
         params = [r.params for r in sample_seqs]
         if all(p.plain_greedy for p in params):  # nothing but argmax: no histories, generators or logprobs
-            tokens = greedy(logits).tolist()
+            tokens = self._greedy(logits).tolist()
             return {r.request_id: (tokens[i], None) for i, r in enumerate(sample_seqs)}
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in sample_seqs]
         gens = [self._generator(r.request_id, r.params.seed) for r in sample_seqs]

@@ -208,14 +208,15 @@ def iter_layer_experts(args: ModelArgs, expert_ids: Iterable[int]) -> Iterable[t
 
 
 def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "packed", local_experts: bool = True,
-                device: str | torch.device = "cpu", moe_kernel: str = "torch") -> nn.Module:
+                device: str | torch.device = "cpu", kernels: str = "torch") -> nn.Module:
     """Construct the `Transformer` for `ckpt` without a random init and load its weights.
 
     With `local_experts=False` the routed experts are neither built nor read (the attention tier of
-    an expert-parallel deployment). `moe_kernel` ("torch" | "cpu" | "triton", a resolved `kernels.backend`)
-    picks the router's and the routed experts' compute (Gate / RoutedExperts.set_kernel).
+    an expert-parallel deployment). `kernels` ("torch" | "cpu" | "triton", a resolved `kernels.backend`)
+    picks the compute of the norms, the router and the routed experts (RMSNorm / Gate / RoutedExperts.set_kernel).
     """
     from raymoe.model.deepseek import Transformer
+    from raymoe.model.layers import RMSNorm
     from raymoe.model.moe import Gate, RoutedExperts
 
     if int4_mode not in ("packed", "dequant"):
@@ -227,8 +228,8 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "pack
         model = Transformer(ckpt.args, dtype=torch_dtype, local_experts=local_experts, int4=int4)
     model.to_empty(device=device)
     for module in model.modules():
-        if isinstance(module, (RoutedExperts, Gate)):
-            module.set_kernel(moe_kernel)
+        if isinstance(module, (RoutedExperts, Gate, RMSNorm)):
+            module.set_kernel(kernels)
     with torch.device(device):
         load_weights(model, ckpt)
     model.fuse()  # stack weights read together: routed experts (grouped GEMM / fused kernel), MLA, MLPs
