@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _lock = threading.Lock()
-_libs: dict[str, ctypes.CDLL | None] = {}
+_libs: dict[str, ctypes.CDLL | None] = {}  # per source
+_fns: dict[str, Callable[..., int]] = {}  # per kernel, once loaded
 
 
 def _cpu_id() -> bytes:
@@ -145,6 +146,9 @@ _SIGNATURES = {
 def _kernel(name: str) -> Callable[..., int] | None:
     """The typed C function `name` (a key of _SIGNATURES), its source built and loaded once per process
     (None: unavailable)."""
+    fn = _fns.get(name)
+    if fn is not None:  # the hot path: no lock (a dict read is atomic)
+        return fn
     source, symbol, _ = _SIGNATURES[name]
     with _lock:
         if source not in _libs:
@@ -156,7 +160,10 @@ def _kernel(name: str) -> Callable[..., int] | None:
                         fn.argtypes, fn.restype = argtypes, ctypes.c_int
             _libs[source] = lib
         lib = _libs[source]
-        return None if lib is None else getattr(lib, symbol)
+        if lib is None:
+            return None
+        fn = _fns[name] = getattr(lib, symbol)
+        return fn
 
 
 def is_available() -> bool:
@@ -278,30 +285,31 @@ def moe_experts_cpu(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of fp32 rows, as raymoe.model.layers.RMSNorm: x [T, D] (rows may be strided: a slice of a wider
-    tensor is read in place), weight [D] -> a new contiguous fp32 [T, D]."""
-    fn = _kernel("rms_norm_cpu")
+    tensor is read in place), weight [D] contiguous -> a new contiguous fp32 [T, D]. (Checks kept to a few
+    attribute reads: the decode hot path calls this 4 times per layer.)"""
+    fn = _fns.get("rms_norm_cpu") or _kernel("rms_norm_cpu")
     if fn is None:
         raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
-    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or (x.stride(-1) != 1 and x.shape[1] > 1):
+    if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 2 or (x.stride(1) != 1 and x.shape[1] > 1):
         raise ValueError(f"x must be a float32 [T, D] CPU tensor with unit stride in D, got {x.dtype} "
                          f"{tuple(x.shape)} strides {x.stride()}")
     T, D = x.shape
-    if weight.shape != (D,) or weight.dtype != torch.float32 or weight.device.type != "cpu":
-        raise ValueError(f"weight must be a float32 [{D}] CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
-    weight = weight.contiguous()
+    if weight.dtype is not torch.float32 or not weight.is_cpu or weight.shape != (D,) or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float32 [{D}] CPU tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
     out = torch.empty(T, D, dtype=torch.float32)
-    fn(x.data_ptr(), T, D, x.stride(0), weight.data_ptr(), float(eps), out.data_ptr(), D)
+    fn(x.data_ptr(), T, D, x.stride(0), weight.data_ptr(), eps, out.data_ptr(), D)
     return out
 
 
 def argmax_cpu(x: torch.Tensor) -> torch.Tensor:
     """x [B, V] fp32 (unit stride in V) -> int64 [B]: the first index of each row's maximum, NaN counting as
     the maximum, as `x.max(dim=-1).indices` (greedy sampling)."""
-    fn = _kernel("argmax_cpu")
+    fn = _fns.get("argmax_cpu") or _kernel("argmax_cpu")
     if fn is None:
         raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
-    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] == 0 or \
-            (x.stride(-1) != 1 and x.shape[1] > 1):
+    if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] == 0 or \
+            (x.stride(1) != 1 and x.shape[1] > 1):
         raise ValueError(f"x must be a non-empty float32 [B, V] CPU tensor with unit stride in V, got {x.dtype} "
                          f"{tuple(x.shape)}")
     out = torch.empty(x.shape[0], dtype=torch.long)

@@ -50,39 +50,69 @@ int raymoe_rms_norm(const float *x, int64_t T, int64_t D, int64_t ldx, const flo
     return 0;
 }
 
+static inline v8f select8(v8i mask, v8f a, v8f b) {  /* lanes of a where mask (all ones), else b */
+    v8i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const v8i r = (ai & mask) | (bi & ~mask);
+    v8f out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
 int raymoe_argmax(const float *x, int64_t B, int64_t V, int64_t ld, int64_t *out) {
+    const v8i step = (v8i){8, 8, 8, 8, 8, 8, 8, 8};
     for (int64_t b = 0; b < B; b++) {
         const float *row = x + b * ld;
-        v8f m = splat8(-INFINITY);
-        v8i nan = (v8i){0, 0, 0, 0, 0, 0, 0, 0};
+        /* one pass: per lane the largest value and its first index (strict >), and whether a NaN was seen; four
+         * independent accumulators, so the compare-and-select chains overlap instead of waiting on each other */
+        v8f m[4];
+        v8i mi[4], idx[4], nan = (v8i){0, 0, 0, 0, 0, 0, 0, 0};
+        for (int a = 0; a < 4; a++) {
+            m[a] = splat8(-INFINITY);
+            idx[a] = mi[a] = (v8i){0, 1, 2, 3, 4, 5, 6, 7} + (8 * a);
+        }
         int64_t i = 0;
-        for (; i + 8 <= V; i += 8) {
+        for (; i + 32 <= V; i += 32)
+            for (int a = 0; a < 4; a++) {
+                const v8f v = load8(row + i + 8 * a);
+                const v8i gt = v > m[a];
+                nan |= v != v;
+                m[a] = select8(gt, v, m[a]);
+                mi[a] = (idx[a] & gt) | (mi[a] & ~gt);
+                idx[a] += step * 4;
+            }
+        for (; i + 8 <= V; i += 8) {  /* whole lanes left: accumulator 0, its index moved to i */
             const v8f v = load8(row + i);
+            const v8i cur = (v8i){0, 1, 2, 3, 4, 5, 6, 7} + (int32_t)i;
+            const v8i gt = v > m[0];
             nan |= v != v;
-            const v8i gt = v > m;  /* lanes where v is larger: all ones */
-            v8i vi, mi;
-            memcpy(&vi, &v, sizeof vi);
-            memcpy(&mi, &m, sizeof mi);
-            mi = (vi & gt) | (mi & ~gt);
-            memcpy(&m, &mi, sizeof m);
+            m[0] = select8(gt, v, m[0]);
+            mi[0] = (cur & gt) | (mi[0] & ~gt);
         }
         float mx = -INFINITY;
+        int64_t best = V;  /* no index yet */
         int has_nan = 0;
-        for (int j = 0; j < 8; j++) {
-            mx = m[j] > mx ? m[j] : mx;
-            has_nan |= nan[j] != 0;
-        }
+        for (int j = 0; j < 8; j++) has_nan |= nan[j] != 0;
+        if (i > 0)
+            for (int a = 0; a < 4; a++)
+                for (int j = 0; j < 8; j++)
+                    if (mi[a][j] < i && (m[a][j] > mx || (m[a][j] == mx && mi[a][j] < best))) {
+                        mx = m[a][j];
+                        best = mi[a][j];
+                    }
         for (; i < V; i++) {
-            mx = row[i] > mx ? row[i] : mx;
             has_nan |= row[i] != row[i];
+            if (row[i] > mx || best == V) {
+                mx = row[i];
+                best = i;
+            }
         }
-        int64_t found = 0;
-        if (has_nan) {
-            while (found < V && row[found] == row[found]) found++;
-        } else {
-            while (found < V && row[found] != mx) found++;
+        if (has_nan) {  /* NaN is the maximum: the first one */
+            best = 0;
+            while (row[best] == row[best]) best++;
         }
-        out[b] = found < V ? found : 0;
+        out[b] = best;
     }
     return 0;
 }
