@@ -10,6 +10,11 @@
  * dominates at 4-16 heads) + softmax. Sequences are split over OpenMP threads: the process's libgomp, i.e.
  * torch's own (same soname), so the kernel shares torch's thread pool.
  *
+ * A sequence's blocks are scattered over the cache, which breaks the hardware prefetcher's streams at every block
+ * boundary; in an engine the pages come from DRAM (each layer's are evicted by the other layers' by the next
+ * step), so the next block is prefetched while one is scored: ~10% faster in the engine (64 sequences, ~200
+ * tokens, the variants alternated call by call in one process; measured 2026-11).
+ *
  * Cache rows are C + R values, fp32 or bf16 (`cache_bf16`); queries and output are fp32. GCC/Clang vector
  * extensions (8 lanes) keep it portable: AVX2/AVX-512 on x86, NEON pairs on arm64.
  * Returns 0; -1 when a block id is outside [0, num_blocks) or a length outside [0, max_blocks * bs];
@@ -236,6 +241,11 @@ int raymoe_mla_decode(const float *q_lat, int64_t q_lat_sb, int64_t q_lat_sh,
         for (int64_t t0 = 0; t0 < len; t0 += bs) {  /* scores, a block at a time */
             const int64_t n = len - t0 < bs ? len - t0 : bs;
             const float *blk = block_rows(pages, cache_bf16, table[t0 / bs], bs, D, n, rows);
+            if (t0 + bs < len) {  /* ask for the next block's rows while this one is scored (see the header) */
+                const int64_t nn = len - t0 - bs < bs ? len - t0 - bs : bs, esz = cache_bf16 ? 2 : 4;
+                const char *next = (const char *)pages + (int64_t)table[t0 / bs + 1] * bs * D * esz;
+                for (int64_t off = 0; off < nn * D * esz; off += 64) __builtin_prefetch(next + off);
+            }
             int64_t i = 0;
             for (; i + 4 <= n; i += 4) {
                 int64_t h = 0;
