@@ -1,6 +1,8 @@
 """CPU kernels in C, compiled on first use with the machine's C compiler and called through ctypes.
 
   csrc/mla_decode_cpu.c   mla_decode_cpu: absorbed MLA decode reading the paged latent cache in place
+                          mla_decode_step_cpu: a whole decode-only MLA layer step (cache write, absorb, that
+                          attention, unabsorb) in one call
   csrc/moe_cpu.c          moe_route_cpu: the noaux_tc router after its GEMM and sigmoid (group-limited top-k)
                           moe_experts_cpu: the routed SwiGLU experts over their stacked fp32 weights
   csrc/layers_cpu.c       rms_norm_cpu: RMSNorm of fp32 rows (strided rows read in place)
@@ -134,6 +136,9 @@ _SIGNATURES = {
     "mla_decode_cpu": ("mla_decode_cpu", "raymoe_mla_decode",
                        [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64,
                         _I64, _I64, _F32, _INT]),
+    "mla_decode_step_cpu": ("mla_decode_cpu", "raymoe_mla_decode_step",
+                            [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT, _I64,
+                             _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT]),
     "moe_route_cpu": ("moe_cpu", "raymoe_moe_route",
                       [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _INT, _F32, _PTR, _PTR]),
     "moe_experts_cpu": ("moe_cpu", "raymoe_moe_experts",
@@ -217,6 +222,61 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
                          f"[0, {kv_cache.shape[0]}): got lengths {lens.tolist()[:8]}...")
     if rc != 0:
         raise MemoryError("mla_decode_cpu could not allocate its scratch memory")
+    return out
+
+
+def mla_decode_step_cpu(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                        slot_mapping: torch.Tensor, kv_b_weight: torch.Tensor, kv_cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """A decode-only MLA layer step on CPU, one new token per sequence; returns o_proj's input, fp32 [B, H, Dv].
+
+    Writes each new latent `c_kv[b] | k_pe[b]` into the cache at `slot_mapping[b]` (block * block_size + offset),
+    absorbs W_uk into the queries, attends as `mla_decode_cpu` (the sequence lengths include the new token) and
+    applies W_uv: what PagedMLAAttention's decode does with torch ops around `mla_decode_cpu`, in one call.
+    q_nope [B, H, Dn], q_pe [B, H, R], c_kv [B, C], k_pe [B, R]: fp32, unit stride in the last dim;
+    kv_b_weight: kv_b_proj's weight [H * (Dn + Dv), C], fp32, contiguous; kv_cache [num_blocks, block_size, C + R]
+    fp32 or bf16, contiguous (written in place); block_tables [B, max_blocks] / seq_lens [B] int32.
+    """
+    fn = _fns.get("mla_decode_step_cpu") or _kernel("mla_decode_step_cpu")
+    if fn is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    B, H, Dn = q_nope.shape
+    C, R = c_kv.shape[-1], k_pe.shape[-1]
+    if (q_pe.shape != (B, H, R) or c_kv.shape != (B, C) or k_pe.shape != (B, R) or kv_cache.dim() != 3
+            or kv_cache.shape[2] != C + R or kv_b_weight.dim() != 2 or kv_b_weight.shape[1] != C
+            or kv_b_weight.shape[0] % H or kv_b_weight.shape[0] // H <= Dn):
+        raise ValueError(f"shapes do not match: q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)}, c_kv "
+                         f"{tuple(c_kv.shape)}, k_pe {tuple(k_pe.shape)}, kv_b_weight {tuple(kv_b_weight.shape)}, "
+                         f"kv_cache {tuple(kv_cache.shape)}")
+    Dv = kv_b_weight.shape[0] // H - Dn
+    if any(t.dtype is not torch.float32 for t in (q_nope, q_pe, c_kv, k_pe, kv_b_weight)):
+        raise ValueError("q_nope, q_pe, c_kv, k_pe and kv_b_weight must be float32")
+    if kv_cache.dtype not in (torch.float32, torch.bfloat16) or not kv_cache.is_contiguous():
+        raise ValueError(f"kv_cache must be a contiguous float32 or bfloat16 tensor, got {kv_cache.dtype}")
+    if any(t.stride(-1) != 1 for t in (q_nope, q_pe, c_kv, k_pe)) or not kv_b_weight.is_contiguous():
+        raise ValueError("q_nope, q_pe, c_kv and k_pe need a unit stride in their last dim, kv_b_weight contiguous")
+    if not all(t.is_cpu for t in (q_nope, q_pe, c_kv, k_pe, kv_b_weight, kv_cache, slot_mapping, block_tables,
+                                  seq_lens)):
+        raise ValueError("mla_decode_step_cpu takes CPU tensors")
+    if (block_tables.dtype is not torch.int32 or seq_lens.dtype is not torch.int32 or slot_mapping.dtype is not torch.long
+            or block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,)
+            or slot_mapping.shape != (B,) or not block_tables.is_contiguous() or not seq_lens.is_contiguous()
+            or not slot_mapping.is_contiguous()):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} (int32) and "
+                         f"slot_mapping {tuple(slot_mapping.shape)} (int64) must be contiguous and match a batch of {B}")
+    out = torch.empty(B, H, Dv, dtype=torch.float32)
+    if B == 0:
+        return out
+    rc = fn(q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1),
+            c_kv.data_ptr(), c_kv.stride(0), k_pe.data_ptr(), k_pe.stride(0), slot_mapping.data_ptr(),
+            kv_b_weight.data_ptr(), kv_cache.data_ptr(), int(kv_cache.dtype is torch.bfloat16), kv_cache.shape[0],
+            kv_cache.shape[1], block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), out.data_ptr(),
+            B, H, C, R, Dn, Dv, softmax_scale, torch.get_num_threads())
+    if rc == -1:
+        raise ValueError(f"slots must be in [0, {kv_cache.shape[0] * kv_cache.shape[1]}), seq_lens in "
+                         f"[0, {block_tables.shape[1] * kv_cache.shape[1]}] and block ids in [0, {kv_cache.shape[0]})")
+    if rc != 0:
+        raise MemoryError("mla_decode_step_cpu could not allocate its scratch memory")
     return out
 
 

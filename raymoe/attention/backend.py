@@ -190,9 +190,10 @@ class PagedMLAAttention:
         self.use_triton = use_triton  # decode through raymoe_kernels.mla_decode (CUDA, or CPU interpreter)
         self.use_cpu_kernel = use_cpu_kernel  # decode through raymoe_kernels.cpu.mla_decode_cpu (C, pages in place)
         if use_cpu_kernel:
-            from raymoe_kernels.cpu import mla_decode_cpu
+            from raymoe_kernels.cpu import mla_decode_cpu, mla_decode_step_cpu
 
             self._mla_decode_cpu = mla_decode_cpu
+            self._mla_decode_step_cpu = mla_decode_step_cpu
         self.metadata: AttentionMetadata | None = None
         self._pages = list(kv_cache.unbind(0))  # per layer [num_blocks, block_size, C+R] (views)
         self._slots = [pages.view(-1, kv_cache.shape[-1]) for pages in self._pages]  # per layer [slots, C+R]
@@ -218,6 +219,12 @@ class PagedMLAAttention:
                  k_pe: torch.Tensor) -> torch.Tensor:
         md = self.metadata
         assert md is not None, "attention metadata must be set before the forward pass"
+        if (md.all_decode and self.use_cpu_kernel and q_nope.dtype is torch.float32 and c_kv.dtype is torch.float32
+                and mla.kv_b_proj.weight.dtype is torch.float32 and mla.kv_b_proj.weight.is_contiguous()):
+            # the whole layer step in one C call: cache write, absorb, attention, unabsorb
+            return self._mla_decode_step_cpu(q_nope, q_pe, c_kv, k_pe, md.slot_mapping, mla.kv_b_proj.weight,
+                                             self._pages[mla.layer_id], md.decode_block_tables, md.decode_seq_lens,
+                                             mla.softmax_scale)
         cache = self._slots[mla.layer_id]  # [slots, C+R]
         latent = torch.cat([c_kv, k_pe], dim=-1)
         cache.index_copy_(0, md.slot_mapping, latent if latent.dtype == cache.dtype else latent.to(cache.dtype))

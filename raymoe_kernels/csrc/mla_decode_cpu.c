@@ -204,14 +204,10 @@ static void softmax_row(float *s, int64_t n) {
     for (t = 0; t < n; t++) s[t] *= inv;
 }
 
-int raymoe_mla_decode(const float *q_lat, int64_t q_lat_sb, int64_t q_lat_sh,
-                      const float *q_pe, int64_t q_pe_sb, int64_t q_pe_sh,
-                      const void *pages, int cache_bf16, int64_t num_blocks, int64_t bs,
-                      const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
-                      float *out, int64_t B, int64_t H, int64_t C, int64_t R, float scale, int num_threads) {
-    const int64_t D = C + R;
-    int status = 0;
-    for (int64_t b = 0; b < B; b++) {  /* validate before any thread reads the cache */
+/* Validate lengths and block ids before any thread reads the cache: 0, or -1. */
+static int check_tables(const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, int64_t B,
+                        int64_t num_blocks, int64_t bs) {
+    for (int64_t b = 0; b < B; b++) {
         const int64_t len = seq_lens[b];
         if (len < 0 || len > max_blocks * bs) return -1;
         for (int64_t j = 0; j < (len + bs - 1) / bs; j++) {
@@ -219,67 +215,192 @@ int raymoe_mla_decode(const float *q_lat, int64_t q_lat_sb, int64_t q_lat_sh,
             if (blk < 0 || blk >= num_blocks) return -1;
         }
     }
-#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : status)
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t len = seq_lens[b];
-        const int32_t *table = block_tables + b * max_blocks;
-        if (len == 0) {  /* nothing to attend to: zeros, as the reference */
-            memset(out + b * H * C, 0, sizeof(float) * (size_t)(H * C));
-            continue;
-        }
-        /* scratch: scores [H, len], the query rows [H, D] (q_lat | q_pe), one bf16 block as fp32 [bs, D] */
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(H * len + H * D + (cache_bf16 ? bs * D : 0)));
-        if (scores == NULL) {
-            status |= 1;
-            continue;
-        }
-        float *q = scores + H * len, *rows = q + H * D;
-        for (int64_t h = 0; h < H; h++) {
-            memcpy(q + h * D, q_lat + b * q_lat_sb + h * q_lat_sh, sizeof(float) * (size_t)C);
-            memcpy(q + h * D + C, q_pe + b * q_pe_sb + h * q_pe_sh, sizeof(float) * (size_t)R);
-        }
-        for (int64_t t0 = 0; t0 < len; t0 += bs) {  /* scores, a block at a time */
-            const int64_t n = len - t0 < bs ? len - t0 : bs;
-            const float *blk = block_rows(pages, cache_bf16, table[t0 / bs], bs, D, n, rows);
-            if (t0 + bs < len) {  /* ask for the next block's rows while this one is scored (see the header) */
-                const int64_t nn = len - t0 - bs < bs ? len - t0 - bs : bs, esz = cache_bf16 ? 2 : 4;
-                const char *next = (const char *)pages + (int64_t)table[t0 / bs + 1] * bs * D * esz;
-                for (int64_t off = 0; off < nn * D * esz; off += 64) __builtin_prefetch(next + off);
-            }
-            int64_t i = 0;
-            for (; i + 4 <= n; i += 4) {
-                int64_t h = 0;
-                for (; h + 2 <= H; h += 2) scores_4x2(q + h * D, blk + i * D, D, scores + h * len + t0 + i,
-                                                      scores + (h + 1) * len + t0 + i);
-                for (; h < H; h++)
-                    for (int64_t j = 0; j < 4; j++) scores[h * len + t0 + i + j] = dot(q + h * D, blk + (i + j) * D, D);
-            }
-            for (; i < n; i++)
-                for (int64_t h = 0; h < H; h++) scores[h * len + t0 + i] = dot(q + h * D, blk + i * D, D);
-        }
-        for (int64_t h = 0; h < H; h++) {
-            float *s = scores + h * len;
-            for (int64_t t = 0; t < len; t++) s[t] *= scale;
-            softmax_row(s, len);
-        }
-        float *o = out + b * H * C;
+    return 0;
+}
+
+/* One sequence: q [H, D] query rows (q_lat | q_pe), len context tokens through `table` -> o [H, C]. 0, or -2 when
+ * scratch memory cannot be allocated. */
+static int attend_seq(const float *q, const void *pages, int cache_bf16, int64_t bs, const int32_t *table, int64_t len,
+                      float *o, int64_t H, int64_t C, int64_t R, float scale) {
+    const int64_t D = C + R;
+    if (len == 0) {  /* nothing to attend to: zeros, as the reference */
         memset(o, 0, sizeof(float) * (size_t)(H * C));
-        for (int64_t t0 = 0; t0 < len; t0 += bs) {  /* probability-weighted sum of the latents */
-            const int64_t n = len - t0 < bs ? len - t0 : bs;
-            const float *blk = block_rows(pages, cache_bf16, table[t0 / bs], bs, D, n, rows);
-            int64_t h = 0;
-            for (; h + 4 <= H; h += 4) {
-                int64_t c = 0;
-                for (; c + 16 <= C; c += 16) pv_4x16(scores + h * len + t0, len, blk, D, n, o + h * C, C, c);
-                if (c < C)
-                    for (int64_t t = 0; t < n; t++)
-                        for (int64_t hh = h; hh < h + 4; hh++)
-                            for (int64_t cc = c; cc < C; cc++) o[hh * C + cc] += scores[hh * len + t0 + t] * blk[t * D + cc];
-            }
-            for (; h < H; h++)
-                for (int64_t t = 0; t < n; t++) axpy(o + h * C, scores[h * len + t0 + t], blk + t * D, C);
-        }
-        free(scores);
+        return 0;
     }
+    /* scratch: scores [H, len], one bf16 block as fp32 [bs, D] */
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(H * len + (cache_bf16 ? bs * D : 0)));
+    if (scores == NULL) return -2;
+    float *rows = scores + H * len;
+    for (int64_t t0 = 0; t0 < len; t0 += bs) {  /* scores, a block at a time */
+        const int64_t n = len - t0 < bs ? len - t0 : bs;
+        const float *blk = block_rows(pages, cache_bf16, table[t0 / bs], bs, D, n, rows);
+        if (t0 + bs < len) {  /* ask for the next block's rows while this one is scored (see the header) */
+            const int64_t nn = len - t0 - bs < bs ? len - t0 - bs : bs, esz = cache_bf16 ? 2 : 4;
+            const char *next = (const char *)pages + (int64_t)table[t0 / bs + 1] * bs * D * esz;
+            for (int64_t off = 0; off < nn * D * esz; off += 64) __builtin_prefetch(next + off);
+        }
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            int64_t h = 0;
+            for (; h + 2 <= H; h += 2) scores_4x2(q + h * D, blk + i * D, D, scores + h * len + t0 + i,
+                                                  scores + (h + 1) * len + t0 + i);
+            for (; h < H; h++)
+                for (int64_t j = 0; j < 4; j++) scores[h * len + t0 + i + j] = dot(q + h * D, blk + (i + j) * D, D);
+        }
+        for (; i < n; i++)
+            for (int64_t h = 0; h < H; h++) scores[h * len + t0 + i] = dot(q + h * D, blk + i * D, D);
+    }
+    for (int64_t h = 0; h < H; h++) {
+        float *s = scores + h * len;
+        for (int64_t t = 0; t < len; t++) s[t] *= scale;
+        softmax_row(s, len);
+    }
+    memset(o, 0, sizeof(float) * (size_t)(H * C));
+    for (int64_t t0 = 0; t0 < len; t0 += bs) {  /* probability-weighted sum of the latents */
+        const int64_t n = len - t0 < bs ? len - t0 : bs;
+        const float *blk = block_rows(pages, cache_bf16, table[t0 / bs], bs, D, n, rows);
+        int64_t h = 0;
+        for (; h + 4 <= H; h += 4) {
+            int64_t c = 0;
+            for (; c + 16 <= C; c += 16) pv_4x16(scores + h * len + t0, len, blk, D, n, o + h * C, C, c);
+            if (c < C)
+                for (int64_t t = 0; t < n; t++)
+                    for (int64_t hh = h; hh < h + 4; hh++)
+                        for (int64_t cc = c; cc < C; cc++) o[hh * C + cc] += scores[hh * len + t0 + t] * blk[t * D + cc];
+        }
+        for (; h < H; h++)
+            for (int64_t t = 0; t < n; t++) axpy(o + h * C, scores[h * len + t0 + t], blk + t * D, C);
+    }
+    free(scores);
+    return 0;
+}
+
+int raymoe_mla_decode(const float *q_lat, int64_t q_lat_sb, int64_t q_lat_sh,
+                      const float *q_pe, int64_t q_pe_sb, int64_t q_pe_sh,
+                      const void *pages, int cache_bf16, int64_t num_blocks, int64_t bs,
+                      const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
+                      float *out, int64_t B, int64_t H, int64_t C, int64_t R, float scale, int num_threads) {
+    const int64_t D = C + R;
+    int status = 0;
+    if (check_tables(block_tables, max_blocks, seq_lens, B, num_blocks, bs)) return -1;
+#pragma omp parallel num_threads(num_threads) reduction(| : status)
+    {
+        float *q = (float *)malloc(sizeof(float) * (size_t)(H * D));  /* this thread's query rows */
+        if (q == NULL) status |= 1;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (q == NULL) continue;
+            for (int64_t h = 0; h < H; h++) {
+                memcpy(q + h * D, q_lat + b * q_lat_sb + h * q_lat_sh, sizeof(float) * (size_t)C);
+                memcpy(q + h * D + C, q_pe + b * q_pe_sb + h * q_pe_sh, sizeof(float) * (size_t)R);
+            }
+            status |= attend_seq(q, pages, cache_bf16, bs, block_tables + b * max_blocks, seq_lens[b], out + b * H * C,
+                                 H, C, R, scale) != 0;
+        }
+        free(q);
+    }
+    return status ? -2 : 0;
+}
+
+/* fp32 -> bf16, round to nearest even (torch's conversion); NaN stays a quiet NaN */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* r[j] = dot(a, w + j * ldw, n) for j < 8: 8 accumulators and one reduction tree */
+static inline void dots8(const float *a, const float *w, int64_t ldw, int64_t n, float *r) {
+    v8f acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = splat8(0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const v8f av = load8(a + i);
+        for (int j = 0; j < 8; j++) acc[j] += av * load8(w + j * ldw + i);
+    }
+    const v8f s = reduce8x8(acc);
+    for (int j = 0; j < 8; j++) {
+        float x = s[j];
+        for (int64_t e = i; e < n; e++) x += a[e] * w[j * ldw + e];
+        r[j] = x;
+    }
+}
+
+/* The whole absorbed decode of one MLA layer, one new token per sequence (the engine's decode-only step):
+ *   cache[slots[b]] = c_kv[b] | k_pe[b]                           (fp32, or bf16 rounded to nearest even)
+ *   q_lat[b, h]     = q_nope[b, h] . W_uk[h]                       W_uk[h] = wkv[h, :Dn, :]   [Dn, C]
+ *   o_lat[b]        = the attention of raymoe_mla_decode (q_lat | q_pe against the cache)
+ *   out[b, h, :]    = W_uv[h] . o_lat[b, h]                        W_uv[h] = wkv[h, Dn:, :]   [Dv, C]
+ * with wkv the kv_b_proj weight [H, Dn + Dv, C] (row-major), out [B, H * Dv] (o_proj's input). What PagedMLAAttention
+ * runs as a cat, an index_copy, two batched GEMMs with their transposes and the attention kernel: one call instead
+ * of ~12 torch ops per layer. The absorb loops heads outside sequences, so a head's weights stay in cache for the
+ * batch (K2: 256 KiB per head). Returns 0; -1 for a bad slot, block id or length; -2 without scratch memory. */
+int raymoe_mla_decode_step(const float *q_nope, int64_t qn_sb, int64_t qn_sh, const float *q_pe, int64_t qp_sb,
+                           int64_t qp_sh, const float *c_kv, int64_t ckv_sb, const float *k_pe, int64_t kpe_sb,
+                           const int64_t *slots, const float *wkv, void *pages, int cache_bf16, int64_t num_blocks,
+                           int64_t bs, const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
+                           float *out, int64_t B, int64_t H, int64_t C, int64_t R, int64_t Dn, int64_t Dv, float scale,
+                           int num_threads) {
+    const int64_t D = C + R;
+    if (check_tables(block_tables, max_blocks, seq_lens, B, num_blocks, bs)) return -1;
+    for (int64_t b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= num_blocks * bs) return -1;
+    for (int64_t b = 0; b < B; b++) {  /* the new latents first: every sequence attends to its own */
+        if (cache_bf16) {
+            uint16_t *row = (uint16_t *)pages + slots[b] * D;
+            for (int64_t c = 0; c < C; c++) row[c] = to_bf16(c_kv[b * ckv_sb + c]);
+            for (int64_t r = 0; r < R; r++) row[C + r] = to_bf16(k_pe[b * kpe_sb + r]);
+        } else {
+            float *row = (float *)pages + slots[b] * D;
+            memcpy(row, c_kv + b * ckv_sb, sizeof(float) * (size_t)C);
+            memcpy(row + C, k_pe + b * kpe_sb, sizeof(float) * (size_t)R);
+        }
+    }
+    /* q [B, H, D]: q_lat | q_pe, the attention's query rows; o_lat [B, H, C] */
+    float *q = (float *)malloc(sizeof(float) * (size_t)(B * H * (D + C)));
+    if (q == NULL) return -2;
+    float *o_lat = q + B * H * D;
+    int status = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : status)
+    {
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t h = 0; h < H; h++)  /* absorb: heads outside, so W_uk[h] is reused across the batch */
+            for (int64_t b = 0; b < B; b++) {
+                const float *w = wkv + h * (Dn + Dv) * C, *qn = q_nope + b * qn_sb + h * qn_sh;
+                float *ql = q + (b * H + h) * D;
+                int64_t c = 0;
+                for (; c + 16 <= C; c += 16) {
+                    v8f a0 = splat8(0.0f), a1 = splat8(0.0f);
+                    for (int64_t d = 0; d < Dn; d++) {
+                        const v8f x = splat8(qn[d]);
+                        a0 += x * load8(w + d * C + c);
+                        a1 += x * load8(w + d * C + c + 8);
+                    }
+                    store8(ql + c, a0);
+                    store8(ql + c + 8, a1);
+                }
+                for (; c < C; c++) {
+                    float a = 0.0f;
+                    for (int64_t d = 0; d < Dn; d++) a += qn[d] * w[d * C + c];
+                    ql[c] = a;
+                }
+                memcpy(ql + C, q_pe + b * qp_sb + h * qp_sh, sizeof(float) * (size_t)R);
+            }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            status |= attend_seq(q + b * H * D, pages, cache_bf16, bs, block_tables + b * max_blocks, seq_lens[b],
+                                 o_lat + b * H * C, H, C, R, scale) != 0;
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t h = 0; h < H; h++)  /* unabsorb: out[b, h, j] = W_uv[h][j] . o_lat[b, h] */
+            for (int64_t b = 0; b < B; b++) {
+                const float *w = wkv + (h * (Dn + Dv) + Dn) * C, *ol = o_lat + (b * H + h) * C;
+                float *o = out + (b * H + h) * Dv;
+                int64_t j = 0;
+                for (; j + 8 <= Dv; j += 8) dots8(ol, w + j * C, C, C, o + j);
+                for (; j < Dv; j++) o[j] = dot(ol, w + j * C, C);
+            }
+    }
+    free(q);
     return status ? -2 : 0;
 }

@@ -130,3 +130,62 @@ def test_the_engine_decodes_through_the_kernel_on_cpu_and_matches_the_torch_back
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
         llm.shutdown()
     assert outs["auto"] == outs["torch"]
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,lat,rope,nope,v_dim,block_size", [
+    (4, 32, 8, 16, 16, 16),  # the tiny preset
+    (3, 20, 6, 12, 10, 5),  # remainders everywhere (C, Dv not multiples of 8 or 16)
+    (16, 512, 64, 128, 128, 16),  # K2's latent and head sizes, fewer heads
+])
+def test_the_fused_decode_step_equals_cache_write_absorb_attention_unabsorb(dtype, heads, lat, rope, nope, v_dim,
+                                                                           block_size):
+    """mla_decode_step_cpu against the torch ops it replaces: the new latents land in their slots (bf16: rounded as
+    torch rounds), and the output is W_uv · attention(q_nope · W_uk | q_pe) per head."""
+    from raymoe_kernels.cpu import mla_decode_step_cpu
+
+    gen = torch.Generator().manual_seed(heads + lat)
+    seq_lens = [1, block_size + 2, 3 * block_size, 7]
+    q_lat_unused, q_pe, kv_cache, tables, lens = _case(seq_lens, block_size, heads, lat, rope, dtype, gen)
+    B = len(seq_lens)
+    q = torch.randn(B, heads, nope + rope, generator=gen)
+    q_nope = q[..., :nope]  # strided, as MLA.project's views
+    latent = torch.randn(B, lat + rope + 3, generator=gen)
+    c_kv, k_pe = latent[:, :lat], latent[:, lat + 3:]
+    wkv = torch.randn(heads * (nope + v_dim), lat, generator=gen) / lat ** 0.5
+    # the new token of each sequence is its last one: its slot through the block table
+    slots = torch.tensor([int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                          for b, n in enumerate(seq_lens)], dtype=torch.long)
+    want_cache = kv_cache.clone()
+    want_cache.view(-1, lat + rope).index_copy_(0, slots, torch.cat([c_kv, k_pe], dim=-1).to(dtype))
+    w = wkv.view(heads, nope + v_dim, lat)
+    q_lat = torch.einsum("bhd,hdc->bhc", q_nope, w[:, :nope])
+    o_lat = mla_decode_ref(q_lat, q_pe, want_cache, tables, lens, 0.4)
+    want = torch.einsum("bhc,hvc->bhv", o_lat, w[:, nope:])
+    out = mla_decode_step_cpu(q_nope, q_pe, c_kv, k_pe, slots, wkv, kv_cache, tables, lens, 0.4)
+    assert torch.equal(kv_cache, want_cache)
+    assert out.shape == (B, heads, v_dim) and out.dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=5e-5, rtol=1e-4)
+
+
+@needs_cc
+def test_the_fused_decode_step_rejects_bad_input():
+    from raymoe_kernels.cpu import mla_decode_step_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    _, q_pe, kv_cache, tables, lens = _case([5, 9], 4, 4, 32, 8, torch.float32, gen)
+    q_nope, c_kv, k_pe = torch.randn(2, 4, 16), torch.randn(2, 32), torch.randn(2, 8)
+    wkv = torch.randn(4 * 32, 32)
+    slots = torch.tensor([0, 1])
+    before = kv_cache.clone()
+    with pytest.raises(ValueError, match="slots must be in"):
+        mla_decode_step_cpu(q_nope, q_pe, c_kv, k_pe, torch.tensor([0, kv_cache.shape[0] * 4]), wkv, kv_cache, tables,
+                            lens, 0.1)
+    assert torch.equal(kv_cache, before)  # nothing written
+    with pytest.raises(ValueError, match="shapes do not match"):
+        mla_decode_step_cpu(q_nope, q_pe, c_kv[:, :30], k_pe, slots, wkv, kv_cache, tables, lens, 0.1)
+    with pytest.raises(ValueError, match="float32"):
+        mla_decode_step_cpu(q_nope.double(), q_pe, c_kv, k_pe, slots, wkv, kv_cache, tables, lens, 0.1)
+    with pytest.raises(ValueError, match="int32"):
+        mla_decode_step_cpu(q_nope, q_pe, c_kv, k_pe, slots, wkv, kv_cache, tables.long(), lens, 0.1)
