@@ -7,6 +7,7 @@
                           moe_experts_cpu: the routed SwiGLU experts over their stacked fp32 weights
   csrc/layers_cpu.c       rms_norm_cpu: RMSNorm of fp32 rows (strided rows read in place)
                           argmax_cpu: greedy sampling, the first index of each row's maximum
+                          rope_cpu: the queries' and key's rotary embedding, in place
 
 Why C and not more torch ops: at decode sizes on CPU the torch path's cost is per-op and per-matrix
 overhead (a context gather, two batched GEMMs of 4-16 rows per sequence, a softmax; a router of a dozen
@@ -145,6 +146,8 @@ _SIGNATURES = {
                         [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT]),
     "rms_norm_cpu": ("layers_cpu", "raymoe_rms_norm", [_PTR, _I64, _I64, _I64, _PTR, _F32, _PTR, _I64]),
     "argmax_cpu": ("layers_cpu", "raymoe_argmax", [_PTR, _I64, _I64, _I64, _PTR]),
+    "rope_cpu": ("layers_cpu", "raymoe_rope", [_PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR,
+                                               _PTR]),
 }
 
 
@@ -375,3 +378,28 @@ def argmax_cpu(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.long)
     fn(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
     return out
+
+
+def rope_cpu(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor, cos2: torch.Tensor,
+             sin2: torch.Tensor) -> None:
+    """Rotate q [T, H, R] and k [T, R] (fp32, any strides with a unit last one) in place by the rows of `positions`
+    in the tables cos2 = [cos|cos], sin2 = [-sin|sin] ([P, R] fp32, contiguous: RotaryEmbedding.prepare's), as
+    RotaryEmbedding.rotate computes them, bit for bit. R even, at most 512."""
+    fn = _fns.get("rope_cpu") or _kernel("rope_cpu")
+    if fn is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    T, H, R = q.shape
+    if (q.dtype is not torch.float32 or not q.is_cpu or q.stride(2) != 1 or cos2.shape != sin2.shape
+            or cos2.dim() != 2 or cos2.shape[1] != R or cos2.dtype is not torch.float32
+            or sin2.dtype is not torch.float32 or not cos2.is_contiguous() or not sin2.is_contiguous()
+            or positions.dtype is not torch.long or positions.shape != (T,) or not positions.is_contiguous()):
+        raise ValueError(f"rope_cpu wants q [T, H, R] fp32 (unit last stride), positions [T] int64 and [P, R] fp32 "
+                         f"tables: got q {q.dtype} {tuple(q.shape)}, positions {positions.dtype} "
+                         f"{tuple(positions.shape)}, tables {tuple(cos2.shape)} {tuple(sin2.shape)}")
+    if k is not None and (k.shape != (T, R) or k.dtype is not torch.float32 or not k.is_cpu or k.stride(1) != 1):
+        raise ValueError(f"k must be a float32 [{T}, {R}] CPU tensor with a unit last stride, got {k.dtype} "
+                         f"{tuple(k.shape)}")
+    rc = fn(q.data_ptr(), T, H, q.stride(0), q.stride(1), 0 if k is None else k.data_ptr(),
+            0 if k is None else k.stride(0), R, positions.data_ptr(), cos2.shape[0], cos2.data_ptr(), sin2.data_ptr())
+    if rc != 0:
+        raise ValueError(f"positions must be in [0, {cos2.shape[0]}) and R ({R}) even and at most 512")

@@ -115,6 +115,17 @@ class RotaryEmbedding(nn.Module):
         # per-forward state in a plain dict (nn.Module attribute writes cost µs): "last" (positions, cos, sin),
         # "rows" (positions, cos2, sin2, evens|odds, odds|evens), "table" (cos2 [P,R], sin2 [P,R], ids, ids)
         self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._cpu: Callable[..., None] | None = None  # set_kernel("cpu")
+
+    def set_kernel(self, kernel: str) -> None:
+        """"cpu": `rotate_` runs as one C call (raymoe_kernels.cpu.rope_cpu, the same bits) on fp32 CPU tensors
+        once `prepare` made the table; anything else: torch."""
+        if kernel == "cpu":
+            from raymoe_kernels.cpu import rope_cpu
+
+            self._cpu = rope_cpu
+        else:
+            self._cpu = None
 
     def _freqs(self, device: torch.device) -> torch.Tensor:
         inv = self._inv_freq.get(device)
@@ -176,6 +187,18 @@ class RotaryEmbedding(nn.Module):
         _, cos2, sin2, deint, swapped = rows
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos2.shape[-1],)
         return x.index_select(-1, deint) * cos2.view(shape) + x.index_select(-1, swapped) * sin2.view(shape)
+
+
+    def rotate_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> bool:
+        """Rotate q [T, H, R] and k [T, R] in place, as `rotate` would (same bits), with the C kernel: True, or
+        False (nothing changed) where it does not apply (not set, no fp32 CPU table, other dtypes)."""
+        table = self._cache.get("table")
+        if (self._cpu is None or table is None or q.dtype is not torch.float32 or k.dtype is not torch.float32
+                or not q.is_cpu or table[0].dtype is not torch.float32 or not table[0].is_cpu
+                or positions.dtype is not torch.long):
+            return False
+        self._cpu(q, k, positions, table[0], table[1])
+        return True
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

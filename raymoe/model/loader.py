@@ -213,10 +213,10 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "pack
 
     With `local_experts=False` the routed experts are neither built nor read (the attention tier of
     an expert-parallel deployment). `kernels` ("torch" | "cpu" | "triton", a resolved `kernels.backend`)
-    picks the compute of the norms, the router and the routed experts (RMSNorm / Gate / RoutedExperts.set_kernel).
+    picks the compute of the norms, the rotary embedding, the router and the routed experts (their `set_kernel`).
     """
     from raymoe.model.deepseek import Transformer
-    from raymoe.model.layers import RMSNorm
+    from raymoe.model.layers import RMSNorm, RotaryEmbedding
     from raymoe.model.moe import Gate, RoutedExperts
 
     if int4_mode not in ("packed", "dequant"):
@@ -228,7 +228,7 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "auto", int4_mode: str = "pack
         model = Transformer(ckpt.args, dtype=torch_dtype, local_experts=local_experts, int4=int4)
     model.to_empty(device=device)
     for module in model.modules():
-        if isinstance(module, (RoutedExperts, Gate, RMSNorm)):
+        if isinstance(module, (RoutedExperts, Gate, RMSNorm, RotaryEmbedding)):
             module.set_kernel(kernels)
     with torch.device(device):
         load_weights(model, ckpt)

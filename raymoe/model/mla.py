@@ -137,6 +137,8 @@ class MLA(nn.Module):
         # leaf modules called through .forward: this runs once per layer and step, where Module.__call__'s
         # dispatch costs about as much as the small kernels it wraps
         q = self.q_b_proj.forward(self.q_a_layernorm.forward(a[:, :ql])).view(x.shape[0], heads, -1)  # [T,H,Dn+R]
+        if self.rotary.rotate_(q[:, :, dn:], a[:, kv_end:], positions):  # in place, one C call (CPU kernels)
+            return q[:, :, :dn], q[:, :, dn:], self.kv_a_layernorm.forward(a[:, ql:kv_end]), a[:, kv_end:]
         # one rotation for the queries' and the key's rope parts: [T, H+1, R]
         pe = self.rotary.rotate(torch.cat([q[:, :, dn:], a[:, None, kv_end:]], dim=1), positions)
         return q[:, :, :dn], pe[:, :heads], self.kv_a_layernorm.forward(a[:, ql:kv_end]), pe[:, heads]

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from raymoe.model.layers import RMSNorm
-from raymoe_kernels.cpu import argmax_cpu, rms_norm_cpu
+from raymoe.model.args import get_preset
+from raymoe.model.layers import RMSNorm, RotaryEmbedding
+from raymoe_kernels.cpu import argmax_cpu, rms_norm_cpu, rope_cpu
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler on this machine")
 
@@ -67,6 +68,44 @@ def test_argmax_rejects_bad_input():
         argmax_cpu(torch.randn(2, 0))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "kimi-k2-thinking"])
+def test_rope_rotates_in_place_bit_for_bit_as_the_torch_rotation(preset):
+    """The queries' and the key's rope parts, strided views of wider projections as MLA.project has them, at
+    scattered positions."""
+    args = get_preset(preset)
+    rotary = RotaryEmbedding(args)
+    rotary.prepare(4096, "cpu", torch.float32)
+    R, H, T = args.qk_rope_head_dim, 5, 9
+    gen = torch.Generator().manual_seed(R)
+    q = torch.randn(T, H, 7 + R, generator=gen)
+    a = torch.randn(T, 11 + R, generator=gen)
+    positions = torch.tensor([0, 1, 2, 17, 100, 1023, 1024, 3000, 4095])
+    want = rotary.rotate(torch.cat([q[:, :, 7:], a[:, None, 11:]], dim=1), positions)
+    q_before, a_before = q.clone(), a.clone()
+    assert not rotary.rotate_(q[:, :, 7:], a[:, 11:], positions)  # no kernel set: nothing done
+    assert torch.equal(q, q_before) and torch.equal(a, a_before)
+    rotary.set_kernel("cpu")
+    assert rotary.rotate_(q[:, :, 7:], a[:, 11:], positions)
+    assert torch.equal(q[:, :, 7:], want[:, :H]) and torch.equal(a[:, 11:], want[:, H])
+    assert torch.equal(q[:, :, :7], q_before[:, :, :7]) and torch.equal(a[:, :11], a_before[:, :11])  # the rest kept
+
+
+def test_rope_rejects_bad_input():
+    args = get_preset("tiny")
+    rotary = RotaryEmbedding(args)
+    rotary.prepare(64, "cpu", torch.float32)
+    cos2, sin2 = rotary._cache["table"][:2]
+    q, k = torch.randn(2, 4, 8), torch.randn(2, 8)
+    before = q.clone()
+    with pytest.raises(ValueError, match="positions must be in"):
+        rope_cpu(q, k, torch.tensor([3, 64]), cos2, sin2)
+    assert torch.equal(q, before)  # checked before anything is written
+    with pytest.raises(ValueError, match="rope_cpu wants"):
+        rope_cpu(q, k, torch.tensor([3, 4], dtype=torch.int32), cos2, sin2)
+    with pytest.raises(ValueError, match="k must be"):
+        rope_cpu(q, k[:, :6], torch.tensor([3, 4]), cos2, sin2)
+
+
 def test_the_engine_normalises_and_samples_greedily_through_the_kernels_on_cpu(tiny_ckpt):
     """`kernels.backend: auto` on CPU sets the C norm on every RMSNorm and the C argmax for greedy steps;
     `torch` does not (the greedy tokens of both are compared in test_cpu_mla_decode's engine test)."""
@@ -79,4 +118,6 @@ def test_the_engine_normalises_and_samples_greedily_through_the_kernels_on_cpu(t
         assert len(norms) == 4 * runner.args.num_hidden_layers + 1
         assert all((n._cpu is not None) == want for n in norms)
         assert (runner._greedy is argmax_cpu) == want
+        rotary = [m for m in runner.model.modules() if isinstance(m, RotaryEmbedding)]
+        assert rotary and all((r._cpu is not None) == want for r in rotary)
         llm.shutdown()
