@@ -140,18 +140,24 @@ class EngineCore:
         sampled = self.runner.execute(out)
         if out.is_empty:
             return []
-        self.stats.num_steps += 1
-        self.stats.batch_sizes.append(len(out.scheduled))
-        self.stats.num_prompt_tokens += sum(s.num_new_tokens for s in out.scheduled if not s.request.output_token_ids
-                                            or s.start_position < s.request.num_prompt_tokens)
-        self._apply_thinking_budgets(sampled)
+        stats = self.stats
+        stats.num_steps += 1
+        stats.batch_sizes.append(len(out.scheduled))
+        stats.num_prompt_tokens += sum(s.num_new_tokens for s in out.scheduled if not s.request.output_token_ids
+                                       or s.start_position < s.request.num_prompt_tokens)
+        if self._budgeted:
+            self._apply_thinking_budgets(sampled)
         updated = self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
+        stats.num_generated_tokens += len(updated)
         outputs = []
+        streams = self._streams
         for req in updated:
             lp = sampled.get(req.request_id, (0, None))[1]
             if lp is not None and len(req.output_logprobs) < len(req.output_token_ids):
                 req.output_logprobs.append(lp.as_dict())
-            self.stats.num_generated_tokens += 1
+            st = streams.get(req.request_id)
+            if st is None or (st.final_only and not req.is_finished and not req.params.stop):
+                continue  # nothing to emit yet (as _emit decides; saves its call per request and step)
             o = self._emit(req)
             if o is not None:
                 outputs.append(o)

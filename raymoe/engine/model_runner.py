@@ -7,6 +7,7 @@ the sampler and one `torch.Generator` per seeded request. No scheduling decision
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,8 @@ class ModelRunner:
         self.release(out.finished_ids)
         if out.is_empty:
             return {}
+        if all(seq.num_new_tokens == 1 for seq in out.scheduled):  # decode-only: one token each, at its start
+            return self._execute_decode(out)
         ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -124,41 +127,61 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_seqs = []
-        if all(seq.num_new_tokens == 1 for seq in out.scheduled):  # decode-only: one token each, at its start
-            for i, seq in enumerate(out.scheduled):
-                req, start = seq.request, seq.start_position
-                num_prompt = len(req.prompt_token_ids)
-                ids.append(req.prompt_token_ids[start] if start < num_prompt else req.output_token_ids[start - num_prompt])
-                context_lens.append(start)
-                tables.append(req.block_ids)
-                if seq.needs_sample:
-                    sample_rows.append(i)
-                    sample_seqs.append(req)
-            positions = context_lens
-            self.attn.metadata = decode_metadata(context_lens, tables, self.spec.block_size, self.device)
-        else:
-            for seq in out.scheduled:
-                req, start, n = seq.request, seq.start_position, seq.num_new_tokens
-                ids += req.token_ids_slice(start, start + n)
-                positions += range(start, start + n)
-                query_lens.append(n)
-                context_lens.append(start)
-                tables.append(req.block_ids)
-                if seq.needs_sample:
-                    sample_rows.append(len(ids) - 1)
-                    sample_seqs.append(req)
-            self.attn.metadata = build_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
+        for seq in out.scheduled:
+            req, start, n = seq.request, seq.start_position, seq.num_new_tokens
+            ids += req.token_ids_slice(start, start + n)
+            positions += range(start, start + n)
+            query_lens.append(n)
+            context_lens.append(start)
+            tables.append(req.block_ids)
+            if seq.needs_sample:
+                sample_rows.append(len(ids) - 1)
+                sample_seqs.append(req)
+        self.attn.metadata = build_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, attn=self.attn)
         self.attn.metadata = None
         if not sample_rows:
             return {}
-        if len(sample_rows) < len(ids):  # else every row samples, in order (a decode-only step)
+        if len(sample_rows) < len(ids):
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        return self._sample(hidden, sample_seqs)
+
+    def _execute_decode(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
+        """A decode-only step (one token per sequence at its start position): inputs and attention metadata
+        from one pass over the sequences, int arrays viewed by the tensors (the common step under load)."""
+        ids = array("q")
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sample_seqs = []
+        for i, seq in enumerate(out.scheduled):
+            req, start = seq.request, seq.start_position
+            prompt = req.prompt_token_ids
+            ids.append(prompt[start] if start < len(prompt) else req.output_token_ids[start - len(prompt)])
+            context_lens.append(start)
+            tables.append(req.block_ids)
+            if seq.needs_sample:
+                sample_rows.append(i)
+                sample_seqs.append(req)
+        self.attn.metadata = decode_metadata(context_lens, tables, self.spec.block_size, self.device)
+        input_ids = torch.frombuffer(ids, dtype=torch.long).to(self.device)
+        pos = torch.frombuffer(array("q", context_lens), dtype=torch.long).to(self.device)
+        hidden = self.model(input_ids, pos, attn=self.attn)
+        self.attn.metadata = None
+        if not sample_rows:
+            return {}
+        if len(sample_rows) < len(ids):  # else every row samples, in order
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        return self._sample(hidden, sample_seqs)
+
+    def _sample(self, hidden: torch.Tensor, sample_seqs: list) -> dict[str, tuple[int, TokenLogprobs | None]]:
+        """Logits of the sampling rows' hidden states [S, D] -> {request_id: (token, logprobs)}."""
         logits = self.model.compute_logits(hidden)
-        _ban_stops_before_min_tokens(logits, sample_seqs)
         params = [r.params for r in sample_seqs]
+        if any(p.min_tokens for p in params):
+            _ban_stops_before_min_tokens(logits, sample_seqs)
         if all(p.plain_greedy for p in params):  # nothing but argmax: no histories, generators or logprobs
             tokens = self._greedy(logits).tolist()
             return {r.request_id: (tokens[i], None) for i, r in enumerate(sample_seqs)}
