@@ -77,9 +77,9 @@ class ParallelConfig(_Node):
 class KernelsConfig(_Node):
     backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Hot-path kernels. 'auto': Triton on CUDA; on CPU the C kernels (decode attention, "
-        "MoE router and fp32 routed experts; built on first use where a C compiler is present), torch "
-        "references otherwise. 'torch': torch references only. 'triton': Triton everywhere (on CPU through its "
-        "interpreter).")
+        "RMSNorm, rotary embedding, MoE router, fp32 routed experts, greedy argmax; built on first use where a C "
+        "compiler is present), torch references otherwise. 'torch': torch references only. 'triton': Triton "
+        "everywhere (on CPU through its interpreter).")
 
 
 class AutoscalingConfig(_Node):

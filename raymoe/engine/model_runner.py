@@ -43,8 +43,9 @@ def kv_cache_spec(args: ModelArgs, cfg: EngineConfig, dtype: torch.dtype) -> KVC
 
 def resolve_kernels_backend(backend: str, device: torch.device) -> str:
     """`auto`: Triton kernels on CUDA when Triton is installed; on a CPU device raymoe_kernels' C kernels
-    ("cpu": decode attention, the MoE router and routed experts) when they build here (a C compiler is
-    present and RAYMOE_CPU_KERNELS is not 0); torch references otherwise.
+    ("cpu": the decode-attention layer step, RMSNorm, rotary embedding, the MoE router and routed experts,
+    greedy argmax) when they build here (a C compiler is present and RAYMOE_CPU_KERNELS is not 0); torch
+    references otherwise.
 
     `triton` on a CPU device runs the kernels through Triton's interpreter (TRITON_INTERPRET=1), which
     is how the CPU test suite checks the engine's kernel path end to end.

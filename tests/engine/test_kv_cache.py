@@ -155,26 +155,3 @@ def test_eviction_never_takes_a_block_in_use():
     assert not kv.allocate_slots(b, 5)  # needs 2, only 1 free
     assert kv.allocate_slots(b, 4)
     assert set(a.block_ids).isdisjoint(b.block_ids)
-
-
-def test_blocks_holding_no_cached_prefix_are_handed_out_again_first():
-    """A freed block with nothing in the prefix cache (prefix caching off, or a partial last block) goes to the
-    front of the free queue: the next request reuses it (its memory is warm) instead of an untouched block,
-    while freed cached blocks wait at the back to be revived by a hit."""
-    kv = KVCacheManager(num_blocks=40, block_size=BS, enable_prefix_caching=False)
-    a = make_request("a", range(10))  # 3 blocks
-    admit(kv, a)
-    first = list(a.block_ids)
-    kv.free(a)
-    b = make_request("b", range(50, 60))
-    admit(kv, b)
-    assert sorted(b.block_ids) == sorted(first)
-    cached = KVCacheManager(num_blocks=40, block_size=BS)
-    c = make_request("c", range(10))  # 2 full blocks (cached) + a partial one (not)
-    admit(cached, c)
-    full, partial = c.block_ids[:2], c.block_ids[2]
-    cached.free(c)
-    d = make_request("d", range(100, 102))  # 1 block: the partial one comes back, the cached ones stay
-    admit(cached, d)
-    assert d.block_ids == [partial]
-    assert cached.get_computed_blocks(make_request("c2", range(10)))[0] == [cached.pool.blocks[i] for i in full]
