@@ -16,10 +16,11 @@ Why compile at first use rather than at `pip install`: the package stays a pure-
 build dependency), the code is built with `-march=native` for the CPU it runs on, and a machine
 without a compiler still works (the torch references are used, `is_available()` is False).
 
-The shared object is cached under `$RAYMOE_CACHE` (default `~/.cache/raymoe`) in `kernels/`, keyed
-by a hash of the source, the flags, the compiler's version and this machine; concurrent builds (Ray
-workers starting together) write to temporary names and rename atomically. `RAYMOE_CPU_KERNELS=0`
-turns the kernels off; `CC` picks the compiler (default `cc`).
+Each source's shared object is cached under `$RAYMOE_CACHE` (default `~/.cache/raymoe`) in `kernels/`,
+keyed by a hash of the source and the headers it includes (`csrc/vec8.h`), the flags, the compiler's
+version and this machine; concurrent builds (Ray workers starting together) write to temporary names
+and rename atomically. `RAYMOE_CPU_KERNELS=0` turns the kernels off; `CC` picks the compiler (default
+`cc`).
 """
 
 from __future__ import annotations
@@ -92,10 +93,11 @@ def _build(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("C compiler %s does not run (%s): CPU kernels off", cc, e)
         return None
+    headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))  # included by the sources: part of the key
     errors = []
     cache = _cache_dir()
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([src.read_bytes(), " ".join(flags).encode(), version, _cpu_id()]))
+        key = hashlib.sha256(b"\0".join([src.read_bytes(), headers, " ".join(flags).encode(), version, _cpu_id()]))
         out = cache / f"{name}-{key.hexdigest()[:16]}.so"
         if not out.exists():
             error = _compile(cc, flags, src, out)

@@ -22,18 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-
-static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+#include "vec8.h"
 
 int raymoe_rms_norm(const float *x, int64_t T, int64_t D, int64_t ldx, const float *w, float eps, float *out,
                     int64_t ldo) {
@@ -54,16 +43,6 @@ int raymoe_rms_norm(const float *x, int64_t T, int64_t D, int64_t ldx, const flo
         for (; d < D; d++) o[d] = (xr[d] * inv) * w[d];
     }
     return 0;
-}
-
-static inline v8f select8(v8i mask, v8f a, v8f b) {  /* lanes of a where mask (all ones), else b */
-    v8i ai, bi;
-    memcpy(&ai, &a, sizeof ai);
-    memcpy(&bi, &b, sizeof bi);
-    const v8i r = (ai & mask) | (bi & ~mask);
-    v8f out;
-    memcpy(&out, &r, sizeof out);
-    return out;
 }
 
 int raymoe_argmax(const float *x, int64_t B, int64_t V, int64_t ld, int64_t *out) {

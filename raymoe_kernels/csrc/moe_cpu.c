@@ -27,17 +27,7 @@
 #include <omp.h>
 #endif
 
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-
-static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+#include "vec8.h"
 
 /* ---------------------------------------------------------------------------------------------- routing */
 
@@ -152,13 +142,28 @@ static void gemm_rows(const float *x, int64_t ldx, const float *w, int64_t K, in
         }
 }
 
-/* a[r][i] = silu(h[r][i]) * h[r][I + i] for ROWS rows of h [ROWS, 2I]; silu(g) = g / (1 + exp(-g)) */
+/* a[r][i] = silu(h[r][i]) * h[r][I + i] for ROWS rows of h [ROWS, 2I]; silu(g) = g * sigmoid(g), the sigmoid from
+ * e = exp(-|g|) <= 1 (1 / (1 + e) for g >= 0, e / (1 + e) below): vectorised, where a scalar expf per element
+ * cost ~40% of the kernel at the tiny model's sizes */
+static inline float silu1(float g) {
+    const float e = expf(-fabsf(g));
+    return g * (g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e));
+}
+
 static void swiglu_rows(const float *h, int64_t I, float *a) {
-    for (int r = 0; r < ROWS; r++)
-        for (int64_t i = 0; i < I; i++) {
-            const float g = h[r * 2 * I + i];
-            a[r * I + i] = g / (1.0f + expf(-g)) * h[r * 2 * I + I + i];
+    for (int r = 0; r < ROWS; r++) {
+        const float *g = h + r * 2 * I, *u = g + I;
+        float *o = a + r * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const v8f gv = load8(g + i);
+            const v8i neg = gv < splat8(0.0f);
+            const v8f e = exp8(select8(neg, gv, -gv));  /* exp(-|g|) */
+            const v8f sig = select8(neg, e, splat8(1.0f)) / (splat8(1.0f) + e);
+            store8(o + i, gv * sig * load8(u + i));
         }
+        for (; i < I; i++) o[i] = silu1(g[i]) * u[i];
+    }
 }
 
 int raymoe_moe_experts(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *w, int64_t K,
