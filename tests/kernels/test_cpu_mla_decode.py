@@ -189,3 +189,19 @@ def test_the_fused_decode_step_rejects_bad_input():
         mla_decode_step_cpu(q_nope.double(), q_pe, c_kv, k_pe, slots, wkv, kv_cache, tables, lens, 0.1)
     with pytest.raises(ValueError, match="int32"):
         mla_decode_step_cpu(q_nope, q_pe, c_kv, k_pe, slots, wkv, kv_cache, tables.long(), lens, 0.1)
+
+
+@needs_cc
+def test_a_changed_header_rebuilds_the_sources_that_include_it(tmp_path, monkeypatch):
+    """The cache key covers csrc/*.h: editing vec8.h must not load a library built from the old header."""
+    import raymoe_kernels.cpu as cpu
+
+    src = tmp_path / "csrc"
+    shutil.copytree(cpu._CSRC, src)
+    monkeypatch.setattr(cpu, "_CSRC", src)
+    monkeypatch.setenv("RAYMOE_CACHE", str(tmp_path / "cache"))
+    assert cpu._build("layers_cpu") is not None
+    header = src / "vec8.h"
+    header.write_text(header.read_text() + "\n/* changed */\n")
+    assert cpu._build("layers_cpu") is not None
+    assert len(list((tmp_path / "cache" / "kernels").glob("layers_cpu-*.so"))) == 2
