@@ -176,6 +176,13 @@ def _kernel(name: str) -> Callable[..., int] | None:
         return fn
 
 
+def _raise(rc: int, name: str, bad_input: str) -> None:
+    """A kernel's non-zero status as an exception: -1 bad input (`bad_input` says what), else no scratch memory."""
+    if rc == -1:
+        raise ValueError(bad_input)
+    raise MemoryError(f"{name} could not allocate its scratch memory")
+
+
 def is_available() -> bool:
     """Whether the CPU kernels are built (or can be) and loaded in this process."""
     return all(_kernel(name) is not None for name in _SIGNATURES)
@@ -222,11 +229,9 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
                                kv_cache.shape[0], kv_cache.shape[1], tables.data_ptr(), tables.shape[1],
                                lens.data_ptr(), out.data_ptr(), B, H, C, R, float(softmax_scale),
                                torch.get_num_threads())
-    if rc == -1:
-        raise ValueError(f"seq_lens must be in [0, {tables.shape[1] * kv_cache.shape[1]}] and block ids in "
-                         f"[0, {kv_cache.shape[0]}): got lengths {lens.tolist()[:8]}...")
-    if rc != 0:
-        raise MemoryError("mla_decode_cpu could not allocate its scratch memory")
+    if rc:
+        _raise(rc, "mla_decode_cpu", f"seq_lens must be in [0, {tables.shape[1] * kv_cache.shape[1]}] and block "
+               f"ids in [0, {kv_cache.shape[0]}): got lengths {lens.tolist()[:8]}...")
     return out
 
 
@@ -277,11 +282,9 @@ def mla_decode_step_cpu(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
             kv_b_weight.data_ptr(), kv_cache.data_ptr(), int(kv_cache.dtype is torch.bfloat16), kv_cache.shape[0],
             kv_cache.shape[1], block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), out.data_ptr(),
             B, H, C, R, Dn, Dv, softmax_scale, torch.get_num_threads())
-    if rc == -1:
-        raise ValueError(f"slots must be in [0, {kv_cache.shape[0] * kv_cache.shape[1]}), seq_lens in "
-                         f"[0, {block_tables.shape[1] * kv_cache.shape[1]}] and block ids in [0, {kv_cache.shape[0]})")
-    if rc != 0:
-        raise MemoryError("mla_decode_step_cpu could not allocate its scratch memory")
+    if rc:
+        _raise(rc, "mla_decode_step_cpu", f"slots must be in [0, {kv_cache.shape[0] * kv_cache.shape[1]}), "
+               f"seq_lens in [0, {block_tables.shape[1] * kv_cache.shape[1]}] and block ids in [0, {kv_cache.shape[0]})")
     return out
 
 
@@ -303,10 +306,9 @@ def moe_route_cpu(scores: torch.Tensor, bias: torch.Tensor, *, n_group: int, top
     weights = torch.empty(T, top_k, dtype=torch.float32)
     rc = fn(scores.data_ptr(), T, E, bias.data_ptr(), n_group, topk_group, top_k, int(norm_topk_prob),
             float(routed_scaling_factor), ids.data_ptr(), weights.data_ptr())
-    if rc == -1:
-        raise ValueError(f"bad routing shape: {E} experts, n_group={n_group}, topk_group={topk_group}, top_k={top_k}")
-    if rc != 0:
-        raise MemoryError("moe_route_cpu could not allocate its scratch memory")
+    if rc:
+        _raise(rc, "moe_route_cpu",
+               f"bad routing shape: {E} experts, n_group={n_group}, topk_group={topk_group}, top_k={top_k}")
     return ids, weights
 
 
@@ -341,10 +343,9 @@ def moe_experts_cpu(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     out = torch.empty(T, D, dtype=torch.float32)
     rc = fn(x.data_ptr(), T, D, ids.data_ptr(), weights.data_ptr(), ids.shape[1], local.data_ptr(), local.shape[0] - 1,
             w13.data_ptr(), w2.data_ptr(), E, I2 // 2, out.data_ptr(), torch.get_num_threads())
-    if rc == -1:
-        raise ValueError(f"topk_ids must be in [-1, {local.shape[0] - 1}], got min {int(ids.min())} max {int(ids.max())}")
-    if rc != 0:
-        raise MemoryError("moe_experts_cpu could not allocate its scratch memory")
+    if rc:
+        _raise(rc, "moe_experts_cpu",
+               f"topk_ids must be in [-1, {local.shape[0] - 1}], got min {int(ids.min())} max {int(ids.max())}")
     return out
 
 
