@@ -106,7 +106,8 @@ int raymoe_moe_route(const float *scores, int64_t T, int64_t E, const float *bia
 #define ROWS 4
 
 /* y[r][0..N) = sum over d of x[r][d] * w[d][0..N), for the ROWS rows of x (stride ldx; y stride ldy); w [K, N]
- * row-major. Each output is one fused multiply-add chain over d in order, in every code path. */
+ * row-major. Each output is one multiply-add chain over d in order, and which code path computes a column depends
+ * only on N: a row's values never depend on the other rows. */
 static void gemm_rows(const float *x, int64_t ldx, const float *w, int64_t K, int64_t N, float *y, int64_t ldy) {
     int64_t c = 0;
     for (; c + 16 <= N; c += 16) {
@@ -137,7 +138,7 @@ static void gemm_rows(const float *x, int64_t ldx, const float *w, int64_t K, in
     for (; c < N; c++)
         for (int r = 0; r < ROWS; r++) {
             float a = 0.0f;
-            for (int64_t d = 0; d < K; d++) a = fmaf(x[r * ldx + d], w[d * N + c], a);
+            for (int64_t d = 0; d < K; d++) a += x[r * ldx + d] * w[d * N + c];
             y[r * ldy + c] = a;
         }
 }
