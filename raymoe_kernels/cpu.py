@@ -176,6 +176,14 @@ def _kernel(name: str) -> Callable[..., int] | None:
         return fn
 
 
+def _require(name: str) -> Callable[..., int]:
+    """`_kernel(name)`, or RuntimeError when the kernels cannot be built here."""
+    fn = _kernel(name)
+    if fn is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    return fn
+
+
 def _raise(rc: int, name: str, bad_input: str) -> None:
     """A kernel's non-zero status as an exception: -1 bad input (`bad_input` says what), else no scratch memory."""
     if rc == -1:
@@ -197,9 +205,7 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     [0, max_blocks * block_size] (0: a row of zeros, as the reference). Returns fp32 [B, H, C] (`out` when
     given: fp32, contiguous, that shape).
     """
-    fn = _kernel("mla_decode_cpu")
-    if fn is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    fn = _require("mla_decode_cpu")
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     if q_pe.shape[:2] != (B, H) or kv_cache.dim() != 3 or kv_cache.shape[-1] != C + R:
@@ -224,11 +230,10 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
         raise ValueError(f"out must be a contiguous float32 [{B}, {H}, {C}] tensor")
     if B == 0:
         return out
-    rc = fn(q_lat.data_ptr(), q_lat.stride(0), q_lat.stride(1), q_pe.data_ptr(), q_pe.stride(0),
-                               q_pe.stride(1), kv_cache.data_ptr(), int(kv_cache.dtype == torch.bfloat16),
-                               kv_cache.shape[0], kv_cache.shape[1], tables.data_ptr(), tables.shape[1],
-                               lens.data_ptr(), out.data_ptr(), B, H, C, R, float(softmax_scale),
-                               torch.get_num_threads())
+    rc = fn(q_lat.data_ptr(), q_lat.stride(0), q_lat.stride(1), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1),
+            kv_cache.data_ptr(), int(kv_cache.dtype == torch.bfloat16), kv_cache.shape[0], kv_cache.shape[1],
+            tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(), B, H, C, R, float(softmax_scale),
+            torch.get_num_threads())
     if rc:
         _raise(rc, "mla_decode_cpu", f"seq_lens must be in [0, {tables.shape[1] * kv_cache.shape[1]}] and block "
                f"ids in [0, {kv_cache.shape[0]}): got lengths {lens.tolist()[:8]}...")
@@ -247,9 +252,7 @@ def mla_decode_step_cpu(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     kv_b_weight: kv_b_proj's weight [H * (Dn + Dv), C], fp32, contiguous; kv_cache [num_blocks, block_size, C + R]
     fp32 or bf16, contiguous (written in place); block_tables [B, max_blocks] / seq_lens [B] int32.
     """
-    fn = _fns.get("mla_decode_step_cpu") or _kernel("mla_decode_step_cpu")
-    if fn is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    fn = _require("mla_decode_step_cpu")
     B, H, Dn = q_nope.shape
     C, R = c_kv.shape[-1], k_pe.shape[-1]
     if (q_pe.shape != (B, H, R) or c_kv.shape != (B, C) or k_pe.shape != (B, R) or kv_cache.dim() != 3
@@ -293,9 +296,7 @@ def moe_route_cpu(scores: torch.Tensor, bias: torch.Tensor, *, n_group: int, top
     """The noaux_tc router after its GEMM and sigmoid, as raymoe.model.moe.Gate: scores [T, E] fp32 (sigmoid of
     the logits), bias [E] fp32 (chooses only) -> (topk_ids [T, top_k] int64, in descending order of
     score + bias; topk_weights [T, top_k] fp32). Ties choose the lower expert id."""
-    fn = _kernel("moe_route_cpu")
-    if fn is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    fn = _require("moe_route_cpu")
     if scores.dim() != 2 or scores.dtype != torch.float32 or scores.device.type != "cpu":
         raise ValueError(f"scores must be a float32 [T, E] CPU tensor, got {scores.dtype} {tuple(scores.shape)}")
     T, E = scores.shape
@@ -320,9 +321,7 @@ def moe_experts_cpu(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     local [n_routed + 1] int64: global id -> index in the stacks, E for experts hosted elsewhere (the last
     entry, for id -1, too); w13 [E, D, 2I] (gate | up rows of each expert, input-dim-major), w2 [E, I, D] fp32.
     """
-    fn = _kernel("moe_experts_cpu")
-    if fn is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    fn = _require("moe_experts_cpu")
     if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, "
                          f"topk_weights {tuple(topk_weights.shape)}")
@@ -353,9 +352,7 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     """RMSNorm of fp32 rows, as raymoe.model.layers.RMSNorm: x [T, D] (rows may be strided: a slice of a wider
     tensor is read in place), weight [D] contiguous -> a new contiguous fp32 [T, D]. (Checks kept to a few
     attribute reads: the decode hot path calls this 4 times per layer.)"""
-    fn = _fns.get("rms_norm_cpu") or _kernel("rms_norm_cpu")
-    if fn is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    fn = _require("rms_norm_cpu")
     if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 2 or (x.stride(1) != 1 and x.shape[1] > 1):
         raise ValueError(f"x must be a float32 [T, D] CPU tensor with unit stride in D, got {x.dtype} "
                          f"{tuple(x.shape)} strides {x.stride()}")
@@ -371,9 +368,7 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 def argmax_cpu(x: torch.Tensor) -> torch.Tensor:
     """x [B, V] fp32 (unit stride in V) -> int64 [B]: the first index of each row's maximum, NaN counting as
     the maximum, as `x.max(dim=-1).indices` (greedy sampling)."""
-    fn = _fns.get("argmax_cpu") or _kernel("argmax_cpu")
-    if fn is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    fn = _require("argmax_cpu")
     if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] == 0 or \
             (x.stride(1) != 1 and x.shape[1] > 1):
         raise ValueError(f"x must be a non-empty float32 [B, V] CPU tensor with unit stride in V, got {x.dtype} "
@@ -388,9 +383,7 @@ def rope_cpu(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor, c
     """Rotate q [T, H, R] and k [T, R] (fp32, any strides with a unit last one) in place by the rows of `positions`
     in the tables cos2 = [cos|cos], sin2 = [-sin|sin] ([P, R] fp32, contiguous: RotaryEmbedding.prepare's), as
     RotaryEmbedding.rotate computes them, bit for bit. R even, at most 512."""
-    fn = _fns.get("rope_cpu") or _kernel("rope_cpu")
-    if fn is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or RAYMOE_CPU_KERNELS=0)")
+    fn = _require("rope_cpu")
     T, H, R = q.shape
     if (q.dtype is not torch.float32 or not q.is_cpu or q.stride(2) != 1 or cos2.shape != sin2.shape
             or cos2.dim() != 2 or cos2.shape[1] != R or cos2.dtype is not torch.float32

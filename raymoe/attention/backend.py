@@ -159,8 +159,7 @@ def decode_metadata(context_lens: list[int], block_tables: list[list[int]], bloc
             flat.extend(table[:max_blocks])
         else:
             flat.extend(table)
-            flat.extend(_ZEROS[: max_blocks - len(table)] if max_blocks - len(table) <= len(_ZEROS)
-                        else [0] * (max_blocks - len(table)))
+            flat.frombytes(bytes(flat.itemsize * (max_blocks - len(table))))  # zero padding
     tables = _int_tensor(flat, torch.int32).view(num, max_blocks)
     return AttentionMetadata(
         slot_mapping=_int_tensor(slots, torch.long).to(device),
@@ -172,9 +171,6 @@ def decode_metadata(context_lens: list[int], block_tables: list[list[int]], bloc
         num_tokens=num,
         all_decode=True,
     )
-
-
-_ZEROS = [0] * 256  # padding of short block tables
 
 
 def decode_bias(md: AttentionMetadata, block_size: int) -> torch.Tensor:

@@ -150,14 +150,10 @@ class EngineCore:
         updated = self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
         stats.num_generated_tokens += len(updated)
         outputs = []
-        streams = self._streams
         for req in updated:
             lp = sampled.get(req.request_id, (0, None))[1]
             if lp is not None and len(req.output_logprobs) < len(req.output_token_ids):
                 req.output_logprobs.append(lp.as_dict())
-            st = streams.get(req.request_id)
-            if st is None or (st.final_only and not req.is_finished and not req.params.stop):
-                continue  # nothing to emit yet (as _emit decides; saves its call per request and step)
             o = self._emit(req)
             if o is not None:
                 outputs.append(o)
